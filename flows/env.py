@@ -1,0 +1,34 @@
+"""Point Prefect, MLflow and BentoML at SMELT_HOME. Must run before any of them is imported:
+each reads its home from the environment once, at import."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_HOME = ".smelt"
+
+
+def smelt_home() -> Path:
+    return Path(os.environ.get("SMELT_HOME", DEFAULT_HOME)).resolve()
+
+
+def configure_environment(home: Path | None = None) -> Path:
+    """Set (only where unset) the variables that keep every service's state under SMELT_HOME."""
+    home = (home or smelt_home()).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["SMELT_HOME"] = str(home)
+    defaults = {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline: avoid a telemetry error at start
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "BENTOML_HOME": str(home / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+        "GPTQMODEL_CPU_WORKERS": "2",  # GPTQModel asks for more workers than a 2-core box offers
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return home

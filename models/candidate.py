@@ -1,0 +1,84 @@
+"""A candidate is what would ship: quantized weights + optional draft + serving recipe.
+
+Layout of a candidate directory (self-contained, so MLflow and BentoML can carry it whole):
+    model/        quantized (or full-precision) weights, tokenizer with its chat template, smelt_quant.json
+    draft/        the draft model for speculative decoding (only for strategy 'draft')
+    recipe.json   quantization method, decoding strategy and its settings, compile flag
+Evaluation and serving both load candidates through `load_candidate`, so measured numbers
+describe the artifact that ships.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.artifacts import atomic_dir, read_json, write_json
+from models.chat import render_prompt
+from models.config import DecodeConfig
+from models.decoding import Generation, generate_text, strategy_kwargs
+from models.quant import load_quantized, quant_method
+
+RECIPE = "recipe.json"
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Copy a directory using hard links where possible (weights are large and immutable)."""
+    def link_or_copy(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+def assemble_candidate(quant_dir: Path, draft_dir: Path | None, strategy: str, decode: DecodeConfig, out: Path) -> Path:
+    """Write a self-contained candidate directory (atomically) and return it."""
+    if out.exists():
+        return out
+    with atomic_dir(out) as tmp:
+        link_tree(quant_dir, tmp / "model")
+        if strategy == "draft":
+            if draft_dir is None:
+                raise ValueError("strategy 'draft' needs a trained draft model")
+            link_tree(draft_dir, tmp / "draft")
+        write_json(tmp / RECIPE, {
+            "quant_method": quant_method(quant_dir),
+            "strategy": strategy,
+            "compile": decode.compile,
+            "max_new_tokens": decode.max_new_tokens,
+            "num_draft_tokens": decode.num_draft_tokens,
+            "prompt_lookup_tokens": decode.prompt_lookup_tokens,
+        })
+    return out
+
+
+@dataclass
+class Candidate:
+    model: torch.nn.Module
+    tokenizer: object
+    draft: torch.nn.Module | None
+    recipe: dict
+
+    def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:
+        """Answer one user prompt, rendered with the chat template stored at training time."""
+        extra = strategy_kwargs(self.recipe["strategy"], self.draft, self.recipe["num_draft_tokens"],
+                                self.recipe["prompt_lookup_tokens"])
+        return generate_text(self.model, self.tokenizer, render_prompt(self.tokenizer, prompt),
+                             max_new_tokens or self.recipe["max_new_tokens"], extra)
+
+
+def load_candidate(path: Path, device: torch.device) -> Candidate:
+    path = Path(path)
+    recipe = read_json(path / RECIPE)
+    model = load_quantized(path / "model", device)
+    draft = None
+    if (path / "draft").exists():
+        draft = AutoModelForCausalLM.from_pretrained(path / "draft", use_safetensors=True).to(device).eval()
+    if recipe.get("compile"):
+        model.forward = torch.compile(model.forward)
+    return Candidate(model, AutoTokenizer.from_pretrained(path / "model"), draft, recipe)

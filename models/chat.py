@@ -1,0 +1,46 @@
+"""Chat formatting shared by training, evaluation and serving.
+
+The chat template is stored with the tokenizer at training time and used unchanged by
+serving, so the two tokenize a conversation identically.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Used by the embedded default's own tokenizer; hub presets keep their tokenizer's template.
+EMBEDDED_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@dataclass
+class Example:
+    """One tokenized training row: loss only on the completion (prompt labels are -100)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    """The text the model sees before it starts its answer."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def render_full(tokenizer, prompt: str, completion: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], tokenize=False
+    )
+
+
+def tokenize_example(tokenizer, prompt: str, completion: str, max_len: int) -> Example:
+    """Tokenize prompt+completion with the chat template; mask the prompt out of the loss."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(render_full(tokenizer, prompt, completion), add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("the chat template's generation prompt is not a prefix of the full conversation")
+    full_ids = full_ids[:max_len]
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return Example(input_ids=full_ids, labels=labels[:max_len])

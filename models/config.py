@@ -1,0 +1,116 @@
+"""Typed configs for the parts of the pipeline that live in models/ (shared with serving).
+
+Each stage gets one pydantic model; validators name the bad value so a bad preset or
+override is refused before any work starts.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Device = Literal["auto", "cpu", "cuda"]
+QuantMethod = Literal["none", "torchao-int8-dyn", "torchao-int8-wo"]
+DecodeStrategy = Literal["plain", "draft", "prompt-lookup"]
+
+
+class StrictModel(BaseModel):
+    # Unknown keys are errors: a typo in a preset must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyLlamaSpec(StrictModel):
+    """Shape of a locally built Llama-architecture model (the embedded default)."""
+
+    hidden_size: int = Field(192, ge=16, description="Model width.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads (hidden_size must divide evenly).")
+    intermediate_size: int = Field(512, ge=16, description="MLP width.")
+    max_position: int = Field(512, ge=64, description="Longest sequence the model accepts.")
+
+    @field_validator("num_heads")
+    @classmethod
+    def _heads_divide(cls, v: int, info) -> int:
+        hidden = info.data.get("hidden_size")
+        if hidden and hidden % v:
+            raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {v}")
+        return v
+
+
+class EmbeddedBuildConfig(StrictModel):
+    """How the offline default makes its own tokenizer, base and draft (no hub needed)."""
+
+    vocab_size: int = Field(4096, ge=300, le=65536, description="BPE vocabulary size.")
+    base: TinyLlamaSpec = Field(default_factory=TinyLlamaSpec)
+    draft: TinyLlamaSpec = Field(
+        default_factory=lambda: TinyLlamaSpec(hidden_size=96, num_layers=2, num_heads=2, intermediate_size=256)
+    )
+    pretrain_steps: int = Field(600, ge=1, description="Optimizer steps of base pretraining on stdlib docstrings.")
+    pretrain_batch_size: int = Field(16, ge=1)
+    pretrain_seq_len: int = Field(128, ge=16)
+    pretrain_lr: float = Field(3e-3, gt=0)
+    corpus_max_chars: int = Field(4_000_000, ge=10_000, description="Cap on docstring text gathered.")
+    seed: int = 0
+
+
+class ModelConfig(StrictModel):
+    """Which base and draft to use. `embedded` builds them locally; anything else is a hub id or path."""
+
+    name: str = Field("tiny-embedded", description="Short name used for the registered model.")
+    base: str = Field("embedded", description="'embedded' or a Hugging Face id / local path of the base model.")
+    draft: str = Field("embedded", description="'embedded', a hub id / path of a smaller same-tokenizer model, or 'none'.")
+    embedded: EmbeddedBuildConfig = Field(default_factory=EmbeddedBuildConfig)
+    chat_template: str | None = Field(None, description="Jinja chat template; None keeps the tokenizer's own.")
+    trust_remote_code: Literal[False] = Field(False, description="Never run code shipped with weights.")
+
+
+class LoraConfig(StrictModel):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
+
+
+class TrainConfig(StrictModel):
+    """LoRA fine-tuning of the base and distillation of the draft."""
+
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    steps: int = Field(300, ge=1, description="Optimizer steps of LoRA fine-tuning.")
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-3, gt=0, lt=1)
+    max_seq_len: int = Field(160, ge=16)
+    draft_steps: int = Field(300, ge=0, description="Steps to train the draft on the target's own completions (0 = skip).")
+    draft_learning_rate: float = Field(3e-3, gt=0, lt=1)
+    distill_prompts: int = Field(512, ge=1, description="Training prompts the target completes to teach the draft.")
+    seed: int = 0
+    device: Device = "auto"
+
+
+class QuantConfig(StrictModel):
+    methods: list[QuantMethod] = Field(
+        default_factory=lambda: ["none", "torchao-int8-dyn"],
+        description="Quantization methods to build candidates with; 'none' is the full-precision reference.",
+    )
+    calibration_rows: int = Field(32, ge=1, description="Training rows kept as calibration data with each artifact.")
+
+    @field_validator("methods")
+    @classmethod
+    def _non_empty_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("methods must name at least one quantization method")
+        if len(set(v)) != len(v):
+            raise ValueError(f"methods has duplicates: {v}")
+        return v
+
+
+class DecodeConfig(StrictModel):
+    """How a candidate generates: the serving recipe evaluated and shipped together."""
+
+    strategies: list[DecodeStrategy] = Field(
+        default_factory=lambda: ["plain", "draft"],
+        description="Decoding strategies to build candidates with.",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    num_draft_tokens: int = Field(4, ge=1, le=16, description="Tokens the draft proposes per step.")
+    prompt_lookup_tokens: int = Field(5, ge=1, le=32)
+    compile: bool = Field(False, description="torch.compile the forward pass.")

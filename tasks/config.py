@@ -1,0 +1,123 @@
+"""Stage configs that live above models/, composed into the one `PipelineConfig` a flow takes.
+
+`load_config(path, overrides)` reads a YAML preset, applies `key.sub=value` overrides and
+validates everything before any work starts; errors name the field, the value and the reason.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from models.config import DecodeConfig, ModelConfig, QuantConfig, StrictModel, TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = REPO_ROOT / "infra" / "configs"
+DEFAULT_PRESET = "tiny-cpu"
+
+
+class EtlConfig(StrictModel):
+    sources: list[str] = Field(
+        default_factory=lambda: ["data/orders.jsonl"],
+        description="JSONL files of {prompt, completion} rows; relative paths resolve from the repo root.",
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation, chosen by content hash.")
+    max_prompt_chars: int = Field(2000, ge=1, description="Rows with a longer prompt are quarantined.")
+
+    @field_validator("sources")
+    @classmethod
+    def _some_sources(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("sources must list at least one file")
+        return v
+
+
+class EvalConfig(StrictModel):
+    max_samples: int = Field(48, ge=1, description="Eval-split rows each candidate is scored on.")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+
+
+class RegistryConfig(StrictModel):
+    model_name: str | None = Field(None, description="Registered model name; default smelt-<model.name>.")
+    accuracy_tolerance: float = Field(0.02, ge=0, le=1, description="A challenger may be this much less accurate than the champion.")
+    speed_margin: float = Field(0.10, ge=0, le=1, description="A challenger may be this fraction slower than the champion.")
+    min_accuracy_gain_to_trade_speed: float = Field(
+        0.02, ge=0, le=1,
+        description="When choosing the challenger, a candidate within this much of the best accuracy is preferred if faster.",
+    )
+
+
+class PackageConfig(StrictModel):
+    build_bento: bool = Field(True, description="Run `bentoml build` for the champion at the end.")
+
+
+class PipelineConfig(StrictModel):
+    """Everything one pipeline run needs; the Prefect UI renders it as a form."""
+
+    preset: str = Field(DEFAULT_PRESET, description="Name of the preset this config came from.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    etl: EtlConfig = Field(default_factory=EtlConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    package: PackageConfig = Field(default_factory=PackageConfig)
+
+    @property
+    def registered_name(self) -> str:
+        return self.registry.model_name or f"smelt-{self.model.name}"
+
+
+class ConfigError(ValueError):
+    """A preset or override that cannot be used; the message says which field and why."""
+
+
+def preset_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(q.stem for q in PRESETS_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file or preset named {name_or_path!r}; presets: {known}")
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"])
+        value = e.get("input")
+        lines.append(f"  {field} = {value!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(name_or_path: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> PipelineConfig:
+    path = preset_path(name_or_path)
+    data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data.setdefault("preset", path.stem)
+    for o in overrides or []:
+        apply_override(data, o)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(path))) from None

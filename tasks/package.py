@@ -1,0 +1,97 @@
+"""Packaging stage: import the MLflow champion into BentoML's model store and build a Bento.
+
+The Bento carries serving/ and models/ only, with pinned requirements; `bentoml containerize`
+turns it into an image where a Docker daemon exists.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+
+import bentoml
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from models.artifacts import read_json
+from tasks.config import REPO_ROOT
+
+BENTO_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "accelerate", "bentoml", "pydantic"]
+
+
+def bento_model_name(registered: str) -> str:
+    return registered.lower().replace("_", "-")
+
+
+def existing_models(name: str) -> list:
+    try:
+        return bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        return []
+
+
+def import_champion(registered: str) -> str:
+    """Copy `models:/<registered>@champion` into the BentoML model store (once per MLflow version)."""
+    champ = MlflowClient().get_model_version_by_alias(registered, "champion")
+    name = bento_model_name(registered)
+    for m in existing_models(name):
+        if m.info.labels.get("mlflow_version") == str(champ.version):
+            return str(m.tag)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered}@champion"))
+    candidate = next(local.rglob("recipe.json")).parent  # the candidate dir logged as the pyfunc artifact
+    with bentoml.models.create(
+        name,
+        labels={"registered_model": registered, "mlflow_version": str(champ.version)},
+        metadata={"recipe": read_json(candidate / "recipe.json"), "mlflow_run_id": champ.run_id},
+    ) as model:
+        shutil.copytree(candidate, model.path, dirs_exist_ok=True)
+    return str(model.tag)
+
+
+def bentofile(model_tag: str) -> dict:
+    return {
+        "service": "serving.service:SmeltService",
+        "name": "smelt",
+        "labels": {"model": model_tag.replace(":", "-")},
+        "include": ["serving/**/*.py", "models/**/*.py"],
+        "exclude": ["**/__pycache__"],
+        "envs": [{"name": "SMELT_BENTO_MODEL", "value": model_tag}],
+        "python": {"packages": [f"{p}=={pkg_version(p)}" for p in BENTO_PACKAGES], "lock_packages": False},
+    }
+
+
+def build_bento(model_tag: str) -> str:
+    """`bentoml build` of serving/ + models/ around one model-store tag; returns the Bento tag.
+
+    Runs the real CLI in a subprocess: the build imports serving.service, which reads the model
+    tag from the environment at import time.
+    """
+    with tempfile.TemporaryDirectory(prefix="smelt-bento-") as tmp:
+        spec = Path(tmp) / "bentofile.yaml"
+        spec.write_text(yaml.safe_dump(bentofile(model_tag)))
+        proc = subprocess.run(
+            [sys.executable, "-m", "bentoml", "build", "-f", str(spec), "--output", "tag", str(REPO_ROOT)],
+            env={**os.environ, "SMELT_BENTO_MODEL": model_tag}, capture_output=True, text=True, timeout=600,
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bentoml build failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    tag = proc.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    return tag
+
+
+def package_champion(registered: str) -> dict:
+    model_tag = import_champion(registered)
+    return {"model_tag": model_tag, "bento_tag": build_bento(model_tag)}
+
+
+@task(name="package", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+def package_task(registered: str, champion_version: str | None) -> dict:
+    # champion_version is part of the cache key: a new champion means a new Bento.
+    return package_champion(registered)
