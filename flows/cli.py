@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.env import configure_environment
+from flows.env import configure_environment, quiet_library_logs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="smelt: train -> quantize -> evaluate -> register -> package an LLM, on Prefect, MLflow and BentoML.")
@@ -33,6 +33,7 @@ def run(
 ) -> None:
     """Run the whole pipeline: ETL, LoRA fine-tuning, quantization, evaluation, MLflow registration, Bento build."""
     home = configure_environment()
+    quiet_library_logs()
     cfg = load_or_exit(config, overrides or [])  # refuse a bad config before any work starts
     from flows.pipeline import pipeline
 

@@ -21,7 +21,7 @@ def configure_environment(home: Path | None = None) -> Path:
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline: avoid a telemetry error at start
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_LOGGING_LEVEL": "INFO",  # task-run start/finish lines are the pipeline's progress log
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
         "BENTOML_HOME": str(home / "bentoml"),
@@ -32,3 +32,13 @@ def configure_environment(home: Path | None = None) -> Path:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return home
+
+
+def quiet_library_logs() -> None:
+    """Silence import-time chatter that says nothing about the user's run."""
+    import logging
+
+    # torchao registers enums with torch's pytree (a deprecation note per enum); bitsandbytes looks
+    # for an optional hub kernel for 4-bit CPU matmul and falls back to its own when offline.
+    for name in ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops", "mlflow.utils.uv_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)

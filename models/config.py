@@ -49,7 +49,13 @@ class EmbeddedBuildConfig(StrictModel):
     pretrain_batch_size: int = Field(16, ge=1)
     pretrain_seq_len: int = Field(128, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0)
+    pretrain_repeat_every: int = Field(2, ge=0, description="Every k-th pretraining block repeats its first half (teaches copying); 0 = never.")
     corpus_max_chars: int = Field(4_000_000, ge=10_000, description="Cap on docstring text gathered.")
+    tokenizer_extra_files: list[str] = Field(
+        default_factory=lambda: ["data/orders.jsonl"],
+        description="Text files added to the tokenizer's training corpus only (not to pretraining), so the task's "
+        "words become single tokens; paths relative to the repo root.",
+    )
     seed: int = 0
 
 

@@ -20,6 +20,7 @@ class Generation:
     text: str
     new_tokens: int
     seconds: float
+    token_ids: list[int]
 
 
 def strategy_kwargs(strategy: str, draft, num_draft_tokens: int, prompt_lookup_tokens: int) -> dict:
@@ -50,4 +51,4 @@ def generate_text(model, tokenizer, prompt_text: str, max_new_tokens: int, extra
     )
     seconds = time.perf_counter() - t0
     new = out[0, enc["input_ids"].shape[1]:]  # [new_tokens]
-    return Generation(tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel()), seconds)
+    return Generation(tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel()), seconds, new.tolist())

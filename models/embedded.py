@@ -12,7 +12,7 @@ import sysconfig
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models.artifacts import atomic_dir, digest, write_json
@@ -48,11 +48,19 @@ def collect_docstrings(max_chars: int) -> list[str]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with single-digit tokens (numbers are then copied digit by digit)."""
+    """Byte-level BPE where whitespace, punctuation and each digit are tokens of their own.
+
+    GPT-2-style pre-tokenization glues a leading space to a word, so "Oslo" in a sentence and
+    "Oslo" inside a JSON string become different tokens and a tiny model must learn to translate
+    them before it can copy. Keeping words space-free makes copying an identity mapping.
+    """
     tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -86,21 +94,31 @@ def new_llama(spec: TinyLlamaSpec, tokenizer: PreTrainedTokenizerFast, seed: int
     return LlamaForCausalLM(config)
 
 
-def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device) -> tuple[Path, Path]:
+def read_extra_texts(files: list[Path]) -> list[str]:
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"tokenizer_extra_files: {f} does not exist")
+    return [line for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, root: Path) -> tuple[Path, Path]:
     """Build (or reuse) the tokenizer + pretrained base and an untrained same-tokenizer draft.
 
-    Returns (base_dir, draft_init_dir), both content-addressed by `cfg`.
+    Returns (base_dir, draft_init_dir), both content-addressed by `cfg` and the extra files' content.
     """
-    key = digest("embedded-v1", cfg)
+    extra_files = [p if p.is_absolute() else root / p for p in map(Path, cfg.tokenizer_extra_files)]
+    extra = read_extra_texts(extra_files)
+    key = digest("embedded-v2", cfg, digest(extra))
     base_dir, draft_dir = home / "models" / f"base-{key}", home / "models" / f"draft-init-{key}"
     if base_dir.exists() and draft_dir.exists():
         return base_dir, draft_dir
     texts = collect_docstrings(cfg.corpus_max_chars)
     random.Random(cfg.seed).shuffle(texts)
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    # Task words enter the vocabulary: a real tokenizer's corpus covers the domain it will see.
+    tokenizer = train_tokenizer(texts + extra, cfg.vocab_size)
     log.info("tokenizer: %d tokens from %d docstrings", len(tokenizer), len(texts))
     base = new_llama(cfg.base, tokenizer, cfg.seed)
-    blocks = TokenBlocks.from_texts(texts, tokenizer, cfg.pretrain_seq_len)
+    blocks = TokenBlocks.from_texts(texts, tokenizer, cfg.pretrain_seq_len, cfg.pretrain_repeat_every)
     stats = fit_causal_lm(
         base, blocks, steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size,
         lr=cfg.pretrain_lr, seed=cfg.seed, device=device, desc="pretrain base",

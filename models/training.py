@@ -24,12 +24,20 @@ class TokenBlocks(Dataset):
         self.blocks = blocks  # [n_blocks, seq_len]
 
     @classmethod
-    def from_texts(cls, texts: list[str], tokenizer, seq_len: int) -> "TokenBlocks":
+    def from_texts(cls, texts: list[str], tokenizer, seq_len: int, repeat_every: int = 0) -> "TokenBlocks":
+        """`repeat_every=k` makes every k-th block its first half written twice: predicting the
+        second copy is only possible by looking back, which grows induction (copying) heads in a
+        few hundred steps; a brief pretrain otherwise leaves a base that cannot copy fields."""
         ids: list[int] = []
         for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             ids.extend(enc + [tokenizer.bos_token_id])
         n = len(ids) // seq_len
-        return cls(torch.tensor(ids[: n * seq_len]).view(n, seq_len))
+        blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+        if repeat_every:
+            half = seq_len // 2
+            rep = blocks[::repeat_every, :half]  # [n / repeat_every, half]
+            blocks[::repeat_every, half: 2 * half] = rep
+        return cls(blocks)
 
     def __len__(self) -> int:
         return len(self.blocks)

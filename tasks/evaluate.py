@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 from prefect import task
+from tqdm.auto import tqdm
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from models.artifacts import digest, dir_size_bytes, read_json, write_json
@@ -67,7 +68,7 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
     rows = dataset.rows("eval")[: cfg.max_samples]
     cand = load_candidate(candidate_dir, resolve_device(cfg.device))
     cand.generate(rows[0]["prompt"], max_new_tokens=4)  # warm-up: first call pays one-off allocation costs
-    outputs = [cand.generate(r["prompt"]) for r in rows]
+    outputs = [cand.generate(r["prompt"]) for r in tqdm(rows, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
     recipe = read_json(candidate_dir / "recipe.json")
     report = {
         "candidate": candidate_dir.name,

@@ -17,6 +17,7 @@ from models.config import ModelConfig, TrainConfig
 from models.device import resolve_device
 from models.embedded import build_embedded
 from models.training import ExampleSet, fit_causal_lm
+from tasks.config import REPO_ROOT
 from tasks.etl import DatasetVersion
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def prepare_models(cfg: ModelConfig, home: Path, device: str = "auto") -> tuple[
     """Return (base, draft_init) as loadable paths or hub ids; builds the embedded ones if asked."""
     base, draft = cfg.base, cfg.draft
     if "embedded" in (base, draft):
-        emb_base, emb_draft = build_embedded(cfg.embedded, home, resolve_device(device))
+        emb_base, emb_draft = build_embedded(cfg.embedded, home, resolve_device(device), REPO_ROOT)
         base = str(emb_base) if base == "embedded" else base
         draft = str(emb_draft) if draft == "embedded" else draft
     return base, (None if draft == "none" else draft)

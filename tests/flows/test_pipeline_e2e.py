@@ -1,0 +1,146 @@
+"""The whole pipeline on the micro preset, through the real CLI: real Prefect, MLflow and BentoML."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def run_smelt(home, *args):
+    env = {**os.environ, "SMELT_HOME": str(home)}
+    for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME"):
+        env.pop(var, None)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", "micro-cpu", *args],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e-home")
+    out, seconds = run_smelt(home)
+    return home, out, seconds
+
+
+def in_subprocess(home, code: str) -> str:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "BENTOML_HOME": str(home / "bentoml")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_summary_table_and_next_commands_are_printed(first_run):
+    _, out, _ = first_run
+    assert "Candidates (dataset" in out
+    for word in ("torchao-int8-dyn", "none", "plain", "draft", "exact match", "tok/s", "size MB", "chosen"):
+        assert word in out
+    assert "mlflow ui" in out and "prefect server start" in out and "bentoml serve smelt:" in out
+
+
+def test_registry_holds_versions_with_challenger_and_champion(first_run):
+    home, _, _ = first_run
+    got = json.loads(in_subprocess(home, """
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+vs = c.search_model_versions("name = 'smelt-micro-embedded'")
+champ = c.get_model_version_by_alias('smelt-micro-embedded', 'champion')
+chall = c.get_model_version_by_alias('smelt-micro-embedded', 'challenger')
+print(json.dumps({'n': len(vs), 'champ': champ.version, 'chall': chall.version, 'tags': champ.tags}))
+"""))
+    assert got["n"] == 4  # 2 quantization methods x 2 decoding strategies
+    assert got["champ"] == got["chall"]
+    assert got["tags"]["smelt.gate"].startswith("promoted")
+    assert got["tags"]["smelt.quant_method"] in ("none", "torchao-int8-dyn")
+    assert len(got["tags"]["smelt.dataset_version"]) == 12
+
+
+def test_champion_loads_from_mlflow_and_generates(first_run):
+    home, _, _ = first_run
+    out = in_subprocess(home, """
+import json, mlflow, pandas as pd
+m = mlflow.pyfunc.load_model('models:/smelt-micro-embedded@champion')
+print(json.dumps(m.predict(pd.DataFrame({'prompt': ['Extract name, city, item, qty and day as JSON.\\nBob from Oslo ordered 3 cups on Monday.']}))))
+""")
+    texts = json.loads(out)
+    assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_bento_exists_with_serving_and_models_code(first_run):
+    home, _, _ = first_run
+    info = json.loads(in_subprocess(home, """
+import json, bentoml, pathlib
+b = bentoml.list('smelt')[-1]
+src = pathlib.Path(b.path) / 'src'
+print(json.dumps({'tag': str(b.tag), 'files': sorted(str(p.relative_to(src)) for p in src.rglob('*.py')),
+                  'models': [str(m.tag) for m in b.info.all_models],
+                  'dockerfile': (pathlib.Path(b.path) / 'env' / 'docker' / 'Dockerfile').exists()}))
+"""))
+    assert "serving/service.py" in info["files"] and "models/candidate.py" in info["files"]
+    assert not any(f.startswith(("flows/", "tasks/", "tests/")) for f in info["files"])
+    assert info["models"] and info["models"][0].startswith("smelt-micro-embedded:")
+    assert info["dockerfile"]
+
+
+def test_rerun_reuses_finished_work(first_run):
+    home, _, first_seconds = first_run
+    out, seconds = run_smelt(home)
+    assert "Finished in" in out
+    versions = in_subprocess(home, """
+from mlflow.tracking import MlflowClient
+print(len(MlflowClient().search_model_versions("name = 'smelt-micro-embedded'")))
+""")
+    assert versions == "4"  # nothing registered twice
+    assert seconds < first_seconds
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_built_bento_serves_the_champion_on_localhost(first_run):
+    import httpx
+
+    home, out, _ = first_run
+    tag = next(line.split()[1] for line in out.splitlines() if line.strip().startswith("Bento:"))
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    server = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("bentoml serve did not become ready in 180 s")
+        prompt = "Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups on Monday."
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"request": {"prompt": prompt, "max_new_tokens": 8}}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert isinstance(body["text"], str) and 0 < body["new_tokens"] <= 8
+        recipe = httpx.post(f"http://127.0.0.1:{port}/recipe", json={}, timeout=30).json()
+        assert recipe["quant_method"] in ("none", "torchao-int8-dyn")
+        bad = httpx.post(f"http://127.0.0.1:{port}/generate", json={"request": {"prompt": "", "max_new_tokens": 0}}, timeout=30)
+        assert 400 <= bad.status_code < 500
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from models.candidate import assemble_candidate, load_candidate
+from models.config import DecodeConfig
+from models.quant import quantize_model
+
+PROMPTS = ["Extract the city: Bob lives in Paris.", "def foo(x): return x + 1", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def quant_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quant-none")
+    quantize_model("none", tiny_model_dir, out, [])
+    return out
+
+
+def test_speculative_strategies_are_lossless_under_greedy(quant_dir, tiny_draft_dir, tmp_path):
+    decode = DecodeConfig(max_new_tokens=12, num_draft_tokens=3)
+    outputs = {}
+    for strategy in ("plain", "draft", "prompt-lookup"):
+        path = assemble_candidate(quant_dir, tiny_draft_dir, strategy, decode, tmp_path / strategy)
+        cand = load_candidate(path, torch.device("cpu"))
+        assert cand.recipe["strategy"] == strategy and cand.recipe["quant_method"] == "none"
+        assert (cand.draft is not None) == (strategy == "draft")
+        outputs[strategy] = [cand.generate(p).token_ids for p in PROMPTS]
+    assert outputs["draft"] == outputs["plain"]
+    assert outputs["prompt-lookup"] == outputs["plain"]
+    assert sum(map(len, outputs["plain"])) >= 12  # tokens were produced: the comparison is not vacuous
+
+
+def test_draft_strategy_without_draft_is_refused(quant_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs a trained draft"):
+        assemble_candidate(quant_dir, None, "draft", DecodeConfig(), tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # nothing half-written
+
+
+def test_candidate_uses_the_stored_chat_template(quant_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from models.chat import render_prompt
+
+    cand = load_candidate(assemble_candidate(quant_dir, None, "plain", DecodeConfig(), tmp_path / "p"), torch.device("cpu"))
+    stored = AutoTokenizer.from_pretrained(quant_dir)
+    conversation = render_prompt(stored, "hi there")
+    assert conversation == render_prompt(cand.tokenizer, "hi there")
+    assert conversation.startswith("<|user|>\nhi there<|end|>") and conversation.endswith("<|assistant|>\n")
