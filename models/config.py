@@ -49,7 +49,9 @@ class EmbeddedBuildConfig(StrictModel):
     pretrain_batch_size: int = Field(16, ge=1)
     pretrain_seq_len: int = Field(128, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0)
-    pretrain_repeat_every: int = Field(2, ge=0, description="Every k-th pretraining block repeats its first half (teaches copying); 0 = never.")
+    pretrain_copy_every: int = Field(
+        2, ge=0, description="Every k-th pretraining block is a random token run written twice (teaches copying); 0 = never."
+    )
     corpus_max_chars: int = Field(4_000_000, ge=10_000, description="Cap on docstring text gathered.")
     tokenizer_extra_files: list[str] = Field(
         default_factory=lambda: ["data/orders.jsonl"],
@@ -75,6 +77,11 @@ class LoraConfig(StrictModel):
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapters, e.g. [embed_tokens] when the tokenizer has tokens "
+        "the base never saw in pretraining (tied output head kept tied).",
+    )
 
 
 class TrainConfig(StrictModel):

@@ -118,7 +118,7 @@ def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, r
     tokenizer = train_tokenizer(texts + extra, cfg.vocab_size)
     log.info("tokenizer: %d tokens from %d docstrings", len(tokenizer), len(texts))
     base = new_llama(cfg.base, tokenizer, cfg.seed)
-    blocks = TokenBlocks.from_texts(texts, tokenizer, cfg.pretrain_seq_len, cfg.pretrain_repeat_every)
+    blocks = TokenBlocks.from_texts(texts, tokenizer, cfg.pretrain_seq_len, cfg.pretrain_copy_every, cfg.seed)
     stats = fit_causal_lm(
         base, blocks, steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size,
         lr=cfg.pretrain_lr, seed=cfg.seed, device=device, desc="pretrain base",

@@ -24,19 +24,26 @@ class TokenBlocks(Dataset):
         self.blocks = blocks  # [n_blocks, seq_len]
 
     @classmethod
-    def from_texts(cls, texts: list[str], tokenizer, seq_len: int, repeat_every: int = 0) -> "TokenBlocks":
-        """`repeat_every=k` makes every k-th block its first half written twice: predicting the
-        second copy is only possible by looking back, which grows induction (copying) heads in a
-        few hundred steps; a brief pretrain otherwise leaves a base that cannot copy fields."""
+    def from_texts(cls, texts: list[str], tokenizer, seq_len: int, copy_every: int = 0, seed: int = 0) -> "TokenBlocks":
+        """Texts joined by EOS and cut into blocks of `seq_len` tokens.
+
+        `copy_every=k` makes every k-th block a random token sequence written twice: its second
+        half is predictable only by looking back and copying, which grows induction (copy) heads
+        within a few hundred steps. Brief pretraining on text alone leaves a base that cannot
+        copy a name from a prompt, and fine-tuning then cannot teach it in minutes.
+        """
         ids: list[int] = []
         for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             ids.extend(enc + [tokenizer.bos_token_id])
         n = len(ids) // seq_len
-        blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-        if repeat_every:
+        blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)  # [n_blocks, seq_len]
+        if copy_every:
+            gen = torch.Generator().manual_seed(seed)
             half = seq_len // 2
-            rep = blocks[::repeat_every, :half]  # [n / repeat_every, half]
-            blocks[::repeat_every, half: 2 * half] = rep
+            rows = blocks[::copy_every]  # a view: writes land in `blocks`
+            vocab = torch.unique(blocks)  # draw from tokens real text uses, not unused special ids
+            rows[:, :half] = vocab[torch.randint(len(vocab), (len(rows), half), generator=gen)]
+            rows[:, half: 2 * half] = rows[:, :half]
         return cls(blocks)
 
     def __len__(self) -> int:

@@ -59,6 +59,7 @@ def train_lora(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: 
     peft_model = get_peft_model(model, PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        modules_to_save=lora.modules_to_save or None, ensure_weight_tying=bool(lora.modules_to_save),
     ))
     stats = fit_causal_lm(
         peft_model, training_examples(tokenizer, dataset.rows("train"), cfg.max_seq_len),

@@ -15,13 +15,17 @@ def test_prompt_tokens_carry_no_loss(tiny_model_dir):
     assert tok.decode(ex.input_ids[n_prompt:]).startswith("4")
 
 
-def test_repeated_blocks_copy_their_first_half(tiny_model_dir):
+def test_copy_blocks_repeat_a_random_run_of_real_tokens(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    blocks = TokenBlocks.from_texts(["some text about functions and classes " * 20] * 4, tok, 32, repeat_every=2).blocks
-    assert torch.equal(blocks[0, :16], blocks[0, 16:])
-    assert not torch.equal(blocks[1, :16], blocks[1, 16:])
+    texts = [f"function number {i} returns a value for the caller" for i in range(60)]
+    plain = TokenBlocks.from_texts(texts, tok, 32).blocks
+    blocks = TokenBlocks.from_texts(texts, tok, 32, copy_every=2, seed=0).blocks
+    assert torch.equal(blocks[0, :16], blocks[0, 16:]) and torch.equal(blocks[2, :16], blocks[2, 16:])
+    assert not torch.equal(blocks[0], plain[0])  # replaced by a random run...
+    assert set(blocks[0].tolist()) <= set(plain.flatten().tolist())  # ...of tokens real text uses
+    assert torch.equal(blocks[1], plain[1])  # other blocks stay real text
 
 
 def test_fit_lowers_the_loss(tiny_model_dir):

@@ -70,3 +70,13 @@ def test_shipped_sample_data_is_clean(tmp_path):
     ds = build_dataset(EtlConfig(), tmp_path / "home")
     assert ds.counts["quarantined"] == 0 and ds.counts["kept"] == 3000
     assert json.loads(ds.rows("eval")[0]["completion"])["qty"] >= 1
+
+
+def test_shipped_sample_data_is_what_its_generator_makes():
+    import runpy
+
+    from tasks.config import REPO_ROOT
+
+    gen = runpy.run_path(str(REPO_ROOT / "data" / "generate_orders.py"))
+    shipped = [json.loads(line) for line in (REPO_ROOT / "data" / "orders.jsonl").read_text().splitlines()]
+    assert shipped == gen["make_rows"](3000)
