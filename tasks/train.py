@@ -2,13 +2,14 @@
 then distil the draft from the fine-tuned target's own completions."""
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig, get_peft_model
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import atomic_dir, digest, read_json, write_json
@@ -58,8 +59,10 @@ def train_lora(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: 
     lora = cfg.lora
     peft_model = get_peft_model(model, PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, task_type="CAUSAL_LM",
-        modules_to_save=lora.modules_to_save or None, ensure_weight_tying=bool(lora.modules_to_save),
+        # Copies: peft edits these lists in place, which would change our config (and every hash
+        # taken of it later in the run).
+        target_modules=copy.copy(lora.target_modules), task_type="CAUSAL_LM",
+        modules_to_save=list(lora.modules_to_save) or None, ensure_weight_tying=bool(lora.modules_to_save),
     ))
     stats = fit_causal_lm(
         peft_model, training_examples(tokenizer, dataset.rows("train"), cfg.max_seq_len),
@@ -122,7 +125,9 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
     return out
 
 
-@task(name="prepare-models", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+# Not cached by Prefect: the embedded build is keyed on the content of its extra tokenizer files,
+# which an inputs-only key would miss; a finished build is found by its content hash at once.
+@task(name="prepare-models", cache_policy=NO_CACHE)
 def prepare_models_task(cfg: ModelConfig, home: str, device: str) -> tuple[str, str | None]:
     return prepare_models(cfg, Path(home), device)
 

@@ -46,3 +46,22 @@ def test_fit_lowers_the_loss(tiny_model_dir):
     fit_causal_lm(model, rows, steps=30, batch_size=8, lr=1e-2, seed=0, device=torch.device("cpu"),
                   desc="test", pad_id=tok.pad_token_id)
     assert loss() < 0.3 * before
+
+
+def test_lora_training_leaves_the_config_untouched(tiny_model_dir, tmp_path):
+    """peft edits the lists it is given; a changed config would change every later content hash."""
+    from models.config import LoraConfig, TrainConfig
+    from tasks.etl import DatasetVersion
+    from tasks.train import train_lora
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from models.config import ModelConfig
+
+    ds_dir = tmp_path / "ds"
+    ds_dir.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(8)]), ds_dir / "train.parquet")
+    cfg = TrainConfig(lora=LoraConfig(r=2, alpha=4, modules_to_save=["embed_tokens"]), steps=2, batch_size=4, device="cpu")
+    before = cfg.model_dump()
+    out = train_lora(str(tiny_model_dir), DatasetVersion("v", ds_dir), cfg, ModelConfig(), tmp_path / "home")
+    assert cfg.model_dump() == before
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "merged" / "model.safetensors").exists()
