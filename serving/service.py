@@ -14,8 +14,15 @@ from pydantic import BaseModel, Field
 from models.candidate import load_candidate
 from models.device import resolve_device
 
-# Set by the bentofile's `envs` at build time, so a built Bento always serves the model it was built with.
-MODEL_TAG = os.environ.get("SMELT_BENTO_MODEL", "smelt-model:latest")
+PINNED_MODEL_FILE = Path(__file__).with_name("bento_model.txt")
+
+
+def model_tag() -> str:
+    """The model-store tag this service serves: pinned into the Bento at build time (so a Bento
+    always serves the model it was built with), else $SMELT_BENTO_MODEL for development."""
+    if PINNED_MODEL_FILE.exists():
+        return PINNED_MODEL_FILE.read_text().strip()
+    return os.environ.get("SMELT_BENTO_MODEL", "smelt-model:latest")
 
 
 class GenerateRequest(BaseModel):
@@ -31,7 +38,7 @@ class GenerateResponse(BaseModel):
 
 @bentoml.service(name="smelt", traffic={"timeout": 300}, http={"host": "127.0.0.1"})
 class SmeltService:
-    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+    model_ref = bentoml.models.BentoModel(model_tag())
 
     def __init__(self) -> None:
         self.candidate = load_candidate(Path(self.model_ref.path), resolve_device(os.environ.get("SMELT_DEVICE", "auto")))

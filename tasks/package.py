@@ -60,7 +60,7 @@ def bentofile(model_tag: str) -> dict:
         "service": "serving.service:SmeltService",
         "name": "smelt",
         "labels": {"model": model_tag.replace(":", "-")},
-        "include": ["serving/**/*.py", "models/**/*.py"],
+        "include": ["serving/**/*.py", "serving/bento_model.txt", "models/**/*.py"],
         "exclude": ["**/__pycache__"],
         "envs": [{"name": "SMELT_BENTO_MODEL", "value": model_tag}],
         "python": {"packages": [f"{p}=={pkg_version(p)}" for p in BENTO_PACKAGES], "lock_packages": False},
@@ -70,14 +70,18 @@ def bentofile(model_tag: str) -> dict:
 def build_bento(model_tag: str) -> str:
     """`bentoml build` of serving/ + models/ around one model-store tag; returns the Bento tag.
 
-    Runs the real CLI in a subprocess: the build imports serving.service, which reads the model
-    tag from the environment at import time.
+    Runs the real CLI in a subprocess on a temporary build context holding serving/ and models/
+    plus the pinned model tag (serving/bento_model.txt), which the service reads at import.
     """
     with tempfile.TemporaryDirectory(prefix="smelt-bento-") as tmp:
+        ctx = Path(tmp) / "ctx"
+        for pkg in ("serving", "models"):  # the Bento carries these two packages and nothing else
+            shutil.copytree(REPO_ROOT / pkg, ctx / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        (ctx / "serving" / "bento_model.txt").write_text(model_tag + "\n")
         spec = Path(tmp) / "bentofile.yaml"
         spec.write_text(yaml.safe_dump(bentofile(model_tag)))
         proc = subprocess.run(
-            [sys.executable, "-m", "bentoml", "build", "-f", str(spec), "--output", "tag", str(REPO_ROOT)],
+            [sys.executable, "-m", "bentoml", "build", "-f", str(spec), "--output", "tag", str(ctx)],
             env={**os.environ, "SMELT_BENTO_MODEL": model_tag}, capture_output=True, text=True, timeout=600,
         )
     if proc.returncode != 0:

@@ -118,7 +118,7 @@ def test_built_bento_serves_the_champion_on_localhost(first_run):
     server = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert server.poll() is None, server.stderr.read()[-3000:]
             try:
@@ -128,7 +128,7 @@ def test_built_bento_serves_the_champion_on_localhost(first_run):
                 pass
             time.sleep(1)
         else:
-            pytest.fail("bentoml serve did not become ready in 180 s")
+            pytest.fail("bentoml serve did not become ready in 120 s")
         prompt = "Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups on Monday."
         r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"request": {"prompt": prompt, "max_new_tokens": 8}}, timeout=60)
         assert r.status_code == 200, r.text
