@@ -1,6 +1,7 @@
 """`smelt` command line. Configures SMELT_HOME before Prefect, MLflow or BentoML is imported."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional
@@ -9,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.env import configure_environment, quiet_library_logs
+from flows.env import configure_environment, quiet_library_logs, smelt_home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="smelt: train -> quantize -> evaluate -> register -> package an LLM, on Prefect, MLflow and BentoML.")
@@ -79,9 +80,6 @@ def print_summary(result: dict, seconds: float) -> None:
     console.print(table)
     gate = "promoted to champion" if reg["promoted"] else "not promoted"
     console.print(f"Registered model [bold]{reg['name']}[/bold]: challenger v{reg['challenger']} {gate} ({reg['gate_reason']}); champion is v{reg['champion']}.")
-    from flows.env import smelt_home
-    import os
-
     home = smelt_home()
     lines = [f"Finished in {seconds:.0f} s. Next:",
              f"  MLflow UI:   uv run mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1 --port 5000",
