@@ -1,11 +1,14 @@
 """Every test session gets its own SMELT_HOME, set before Prefect, MLflow or BentoML is imported."""
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
 _HOME = Path(tempfile.mkdtemp(prefix="smelt-test-home-"))
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ["SMELT_HOME"] = str(_HOME)
 for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME", "PREFECT_API_URL"):
     os.environ.pop(var, None)  # never touch a developer's real servers or stores
