@@ -12,7 +12,8 @@ import sysconfig
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tok_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models.artifacts import atomic_dir, digest, write_json

@@ -7,8 +7,8 @@ import statistics
 from pathlib import Path
 
 from prefect import task
-from tqdm.auto import tqdm
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from tqdm.auto import tqdm
 
 from models.artifacts import digest, dir_size_bytes, read_json, write_json
 from models.candidate import assemble_candidate, load_candidate

@@ -7,12 +7,13 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.artifacts import atomic_dir, digest, read_json, write_json
+from models.artifacts import atomic_dir, digest, write_json
 from models.chat import render_prompt, tokenize_example
 from models.config import ModelConfig, TrainConfig
 from models.device import resolve_device

@@ -38,7 +38,7 @@ def test_int8_artifact_is_smaller_and_loads_quantized_in_a_fresh_process(tiny_mo
     assert (q / "model.safetensors").stat().st_size < 0.8 * (full / "model.safetensors").stat().st_size
     code = (
         "import torch, sys; from models.quant import load_quantized;"
-        f"m = load_quantized(sys.argv[1], torch.device('cpu'));"
+        "m = load_quantized(sys.argv[1], torch.device('cpu'));"
         "w = m.model.layers[0].mlp.up_proj.weight; print(type(w).__name__);"
         "print(m.generate(torch.tensor([[5, 17, 42]]), max_new_tokens=3, do_sample=False).tolist())"
     )

@@ -50,12 +50,12 @@ def test_fit_lowers_the_loss(tiny_model_dir):
 
 def test_lora_training_leaves_the_config_untouched(tiny_model_dir, tmp_path):
     """peft edits the lists it is given; a changed config would change every later content hash."""
-    from models.config import LoraConfig, TrainConfig
-    from tasks.etl import DatasetVersion
-    from tasks.train import train_lora
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from models.config import ModelConfig
+
+    from models.config import LoraConfig, ModelConfig, TrainConfig
+    from tasks.etl import DatasetVersion
+    from tasks.train import train_lora
 
     ds_dir = tmp_path / "ds"
     ds_dir.mkdir()

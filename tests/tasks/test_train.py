@@ -49,11 +49,10 @@ def test_qwen_preset_trains_merges_quantizes_and_generates_on_a_tiny_qwen2(tiny_
 
 
 def test_a_method_the_device_cannot_run_is_refused_up_front(tiny_dataset, tmp_path, monkeypatch):
-    from models.quant import BACKENDS
-    from models.config import QuantConfig
-
     # A backend that says it cannot run here must stop the stage before any artifact is written.
     import models.quant.torchao as tao
+    from models.config import QuantConfig
+    from models.quant import BACKENDS
 
     monkeypatch.setattr(tao, "unsupported_reason", lambda device, scheme: "needs a GPU" if scheme == "int8-wo" else None)
     with pytest.raises(ValueError, match="'torchao-int8-wo' cannot run on cpu: needs a GPU; methods that can: .*none"):
