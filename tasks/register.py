@@ -140,6 +140,22 @@ def find_version(client: MlflowClient, name: str, candidate: str, dataset: str) 
     return str(hits[0].version) if hits else None
 
 
+def promote_through_gate(client: MlflowClient, name: str, version: str, report: dict, cfg: RegistryConfig) -> tuple[bool, str]:
+    """Move `champion` to `version` if the gate passes (the old champion keeps `previous-champion`);
+    the decision and its numbers are recorded on the version."""
+    champ = current_champion(client, name)
+    if champ is not None and str(champ.version) == version:
+        promoted, why = True, "already champion"
+    else:
+        promoted, why = gate(report, metrics_of(champ) if champ else None, cfg)
+        if promoted:
+            if champ is not None:
+                client.set_registered_model_alias(name, "previous-champion", champ.version)
+            client.set_registered_model_alias(name, "champion", version)
+    client.set_model_version_tag(name, version, "smelt.gate", f"{'promoted' if promoted else 'refused'}: {why}")
+    return promoted, why
+
+
 def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], home: Path) -> dict:
     """Register every candidate, set `challenger`, and promote to `champion` if the gate passes."""
     client, name = MlflowClient(), cfg.registered_name
@@ -160,16 +176,7 @@ def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: l
             versions.append(v)
         chosen = versions[decision.chosen]
         client.set_registered_model_alias(name, "challenger", chosen)
-        champ = current_champion(client, name)
-        if champ is not None and str(champ.version) == chosen:
-            promoted, why = True, "already champion"
-        else:
-            promoted, why = gate(reports[decision.chosen], metrics_of(champ) if champ else None, cfg.registry)
-            if promoted:
-                if champ is not None:
-                    client.set_registered_model_alias(name, "previous-champion", champ.version)
-                client.set_registered_model_alias(name, "champion", chosen)
-        client.set_model_version_tag(name, chosen, "smelt.gate", f"{'promoted' if promoted else 'refused'}: {why}")
+        promoted, why = promote_through_gate(client, name, chosen, reports[decision.chosen], cfg.registry)
         mlflow.set_tags({"smelt.challenger": chosen, "smelt.promoted": str(promoted), "smelt.gate_reason": why})
     champion = current_champion(client, name)
     return {"name": name, "versions": versions, "chosen": decision.chosen, "reasons": decision.reasons,

@@ -27,3 +27,33 @@ def test_gate_promotes_only_when_not_less_accurate_and_not_slower():
     assert not ok and "exact match 0.700 < champion 0.800" in why
     ok, why = gate(report(0.95, 150), champ, CFG)
     assert not ok and "150.0 tok/s < champion 200.0" in why
+
+
+def test_promotion_moves_aliases_only_through_the_gate_in_a_real_registry(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks.register import promote_through_gate
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        client, name = MlflowClient(), "smelt-gate-test"
+        client.create_registered_model(name)
+        versions = [client.create_model_version(name, source=(tmp_path / f"v{i}").as_uri()).version for i in range(3)]
+
+        def register(version, em, tps):
+            for k, v in {"smelt.exact_match": em, "smelt.tokens_per_s": tps}.items():
+                client.set_model_version_tag(name, version, k, str(v))
+            return promote_through_gate(client, name, str(version), report(em, tps), CFG)
+
+        assert register(versions[0], 0.80, 200.0) == (True, "no champion yet")
+        promoted, why = register(versions[1], 0.60, 900.0)  # much faster, but less accurate
+        assert not promoted and "exact match 0.600 < champion 0.800" in why
+        assert client.get_model_version_by_alias(name, "champion").version == versions[0]
+        assert client.get_model_version(name, versions[1]).tags["smelt.gate"].startswith("refused: exact match")
+        assert register(versions[2], 0.85, 210.0)[0]
+        assert client.get_model_version_by_alias(name, "champion").version == versions[2]
+        assert client.get_model_version_by_alias(name, "previous-champion").version == versions[0]
+        assert len(client.search_model_versions(f"name = '{name}'")) == 3  # nothing deleted
+    finally:
+        mlflow.set_tracking_uri(None)
