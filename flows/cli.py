@@ -69,12 +69,13 @@ def show_config(
 def print_summary(result: dict, seconds: float) -> None:
     reg = result["registry"]
     table = Table(title=f"Candidates (dataset {result['dataset']}, {result['counts']['train']} train / {result['counts']['eval']} eval rows)")
-    for col in ("version", "quant", "decoding", "exact match", "field acc", "tok/s", "p50 s", "size MB", "chosen / why"):
+    for col in ("version", "quant", "decoding", "exact match", "field acc", "tok/s", "draft accept", "p50 s", "size MB", "chosen / why"):
         table.add_column(col)
     for i, r in enumerate(result["reports"]):
         table.add_row(
             reg["versions"][i], r["quant_method"], r["strategy"], f"{r['exact_match']:.1%}", f"{r['field_accuracy']:.1%}",
-            f"{r['tokens_per_s']:.0f}", f"{r['latency_p50_s']:.3f}", f"{r['size_bytes'] / 1e6:.1f}",
+            f"{r['tokens_per_s']:.0f}", "-" if r.get("draft_acceptance") is None else f"{r['draft_acceptance']:.0%}",
+            f"{r['latency_p50_s']:.3f}", f"{r['size_bytes'] / 1e6:.1f}",
             ("[green]yes[/green] " if i == reg["chosen"] else "no: ") + reg["reasons"][i],
         )
     console.print(table)

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.artifacts import atomic_dir, read_json, write_json
 from models.chat import render_prompt
 from models.config import DecodeConfig
-from models.decoding import Generation, generate_text, strategy_kwargs
+from models.decoding import Generation, draft_agreement, generate_text, strategy_kwargs
 from models.quant import load_quantized, quant_method
 
 RECIPE = "recipe.json"
@@ -70,6 +70,18 @@ class Candidate:
                                 self.recipe["prompt_lookup_tokens"])
         return generate_text(self.model, self.tokenizer, render_prompt(self.tokenizer, prompt),
                              max_new_tokens or self.recipe["max_new_tokens"], extra)
+
+
+    def draft_acceptance(self, prompts: list[str], outputs: list[Generation]) -> float | None:
+        """Share of the target's greedy tokens the draft agrees with (None without a draft)."""
+        if self.draft is None:
+            return None
+        agree = total = 0
+        for prompt, out in zip(prompts, outputs):
+            prompt_ids = self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            a, t = draft_agreement(out.token_ids, prompt_ids, self.draft)
+            agree, total = agree + a, total + t
+        return agree / total if total else None
 
 
 def load_candidate(path: Path, device: torch.device) -> Candidate:

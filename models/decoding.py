@@ -52,3 +52,19 @@ def generate_text(model, tokenizer, prompt_text: str, max_new_tokens: int, extra
     seconds = time.perf_counter() - t0
     new = out[0, enc["input_ids"].shape[1]:]  # [new_tokens]
     return Generation(tokenizer.decode(new, skip_special_tokens=True).strip(), int(new.numel()), seconds, new.tolist())
+
+
+@torch.inference_mode()
+def draft_agreement(target_ids: list[int], prompt_ids: list[int], draft) -> tuple[int, int]:
+    """How many of the target's greedy tokens the draft would have proposed itself.
+
+    Greedy speculative decoding accepts a proposed token exactly when it equals the target's own
+    greedy token, so the share of agreeing positions (teacher-forced on the target's output) is
+    the per-token acceptance rate. Returns (agreeing, total).
+    """
+    if not target_ids:
+        return 0, 0
+    ids = torch.tensor([prompt_ids + target_ids], device=draft.device)  # [1, prompt + new]
+    logits = draft(ids).logits[0, len(prompt_ids) - 1: -1]  # [new, vocab]: predictions for each new token
+    guesses = logits.argmax(-1).tolist()
+    return sum(g == t for g, t in zip(guesses, target_ids)), len(target_ids)

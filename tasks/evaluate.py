@@ -62,7 +62,7 @@ def score(rows: list[dict], outputs: list) -> dict:
 
 def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> dict:
     """Accuracy and speed of one candidate; cached by candidate, dataset version and config."""
-    cache = home / "evals" / f"{digest('eval-v1', candidate_dir.name, dataset.version, cfg)}.json"
+    cache = home / "evals" / f"{digest('eval-v2', candidate_dir.name, dataset.version, cfg)}.json"
     if cache.exists():
         return read_json(cache)
     rows = dataset.rows("eval")[: cfg.max_samples]
@@ -76,6 +76,7 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
         "quant_method": recipe["quant_method"],
         "strategy": recipe["strategy"],
         "size_bytes": dir_size_bytes(candidate_dir),
+        "draft_acceptance": cand.draft_acceptance([r["prompt"] for r in rows], outputs),
         **score(rows, outputs),
         "examples": [{"prompt": r["prompt"], "expected": r["completion"], "output": o.text} for r, o in zip(rows[:3], outputs[:3])],
     }

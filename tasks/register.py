@@ -103,8 +103,8 @@ def log_candidate(report: dict, name: str, lineage: dict) -> str:
     """Log one candidate as a pyfunc model version (in a nested run); return its version number."""
     with mlflow.start_run(run_name=report["candidate"], nested=True):
         mlflow.set_tags({**lineage, "smelt.quant_method": report["quant_method"], "smelt.strategy": report["strategy"]})
-        mlflow.log_metrics({k: float(report[k]) for k in ("exact_match", "field_accuracy", "tokens_per_s",
-                                                          "latency_p50_s", "latency_p95_s", "size_bytes")})
+        mlflow.log_metrics({k: float(report[k]) for k in ("exact_match", "field_accuracy", "tokens_per_s", "draft_acceptance",
+                                                          "latency_p50_s", "latency_p95_s", "size_bytes") if report.get(k) is not None})
         mlflow.log_dict(report, "eval_report.json")
         info = mlflow.pyfunc.log_model(
             name="candidate",
@@ -125,7 +125,7 @@ def tag_version(client: MlflowClient, name: str, version: str, report: dict, lin
     tags = {**lineage, "smelt.candidate": report["candidate"], "smelt.quant_method": report["quant_method"],
             "smelt.strategy": report["strategy"], "smelt.exact_match": report["exact_match"],
             "smelt.field_accuracy": report["field_accuracy"], "smelt.tokens_per_s": report["tokens_per_s"],
-            "smelt.size_bytes": report["size_bytes"]}
+            "smelt.size_bytes": report["size_bytes"], "smelt.draft_acceptance": report.get("draft_acceptance")}
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, str(v))
 

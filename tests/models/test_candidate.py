@@ -45,3 +45,29 @@ def test_candidate_uses_the_stored_chat_template(quant_dir, tmp_path):
     conversation = render_prompt(stored, "hi there")
     assert conversation == render_prompt(cand.tokenizer, "hi there")
     assert conversation.startswith("<|user|>\nhi there<|end|>") and conversation.endswith("<|assistant|>\n")
+
+
+def test_draft_acceptance_is_one_for_a_model_drafting_for_itself(quant_dir, tiny_model_dir, tmp_path):
+    decode = DecodeConfig(max_new_tokens=10, num_draft_tokens=3)
+    cand = load_candidate(assemble_candidate(quant_dir, tiny_model_dir, "draft", decode, tmp_path / "self"), torch.device("cpu"))
+    outputs = [cand.generate(p) for p in PROMPTS]
+    assert sum(o.new_tokens for o in outputs) > 0
+    assert cand.draft_acceptance(PROMPTS, outputs) == 1.0
+    plain = load_candidate(assemble_candidate(quant_dir, None, "plain", decode, tmp_path / "plain"), torch.device("cpu"))
+    assert plain.draft_acceptance(PROMPTS, [plain.generate(p) for p in PROMPTS]) is None
+
+
+def test_draft_agreement_counts_positions_where_the_draft_would_propose_the_target_token(tiny_draft_dir):
+    from transformers import AutoModelForCausalLM
+
+    from models.decoding import draft_agreement
+
+    draft = AutoModelForCausalLM.from_pretrained(tiny_draft_dir).eval()
+    prompt = [5, 17, 42, 99]
+    own = draft.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, min_new_tokens=6)[0, 4:].tolist()
+    assert draft_agreement(own, prompt, draft) == (6, 6)
+    with torch.no_grad():
+        first_guess = draft(torch.tensor([prompt])).logits[0, -1].argmax().item()
+    wrong_first = [(first_guess + 1) % draft.config.vocab_size] + own[1:]
+    agree, total = draft_agreement(wrong_first, prompt, draft)
+    assert total == 6 and agree <= 5
