@@ -7,13 +7,13 @@ import statistics
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 from tqdm.auto import tqdm
 
 from models.artifacts import digest, dir_size_bytes, read_json, write_json
 from models.candidate import assemble_candidate, load_candidate
 from models.config import DecodeConfig
 from models.device import resolve_device
+from tasks.caching import STAGE_CACHE
 from tasks.config import EvalConfig
 from tasks.etl import DatasetVersion
 
@@ -85,11 +85,11 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
     return report
 
 
-@task(name="build-candidates", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(name="build-candidates", cache_policy=STAGE_CACHE, persist_result=True)
 def build_candidates_task(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: DecodeConfig, home: str) -> list[Path]:
     return build_candidates(quant_dirs, draft_dir, cfg, Path(home))
 
 
-@task(name="evaluate", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, task_run_name="evaluate-{candidate_dir.name}")
+@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, task_run_name="evaluate-{candidate_dir.name}")
 def evaluate_task(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: str) -> dict:
     return evaluate_candidate(candidate_dir, dataset, cfg, Path(home))

@@ -18,9 +18,9 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from models.artifacts import read_json
+from tasks.caching import STAGE_CACHE
 from tasks.config import REPO_ROOT
 
 BENTO_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "accelerate", "bentoml", "pydantic"]
@@ -95,7 +95,7 @@ def package_champion(registered: str) -> dict:
     return {"model_tag": model_tag, "bento_tag": build_bento(model_tag)}
 
 
-@task(name="package", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(name="package", cache_policy=STAGE_CACHE, persist_result=True)
 def package_task(registered: str, champion_version: str | None) -> dict:
     # champion_version is part of the cache key: a new champion means a new Bento.
     return package_champion(registered)

@@ -5,12 +5,12 @@ import json
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from models.artifacts import atomic_dir, digest
 from models.config import QuantConfig
 from models.device import resolve_device
 from models.quant import check_supported, quantize_model
+from tasks.caching import STAGE_CACHE
 from tasks.etl import DatasetVersion
 
 
@@ -36,6 +36,6 @@ def quantize_candidates(finetuned: Path, dataset: DatasetVersion, cfg: QuantConf
     return out
 
 
-@task(name="quantize", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(name="quantize", cache_policy=STAGE_CACHE, persist_result=True)
 def quantize_task(finetuned: Path, dataset: DatasetVersion, cfg: QuantConfig, home: str, device: str) -> dict[str, Path]:
     return quantize_candidates(finetuned, dataset, cfg, Path(home), device)

@@ -13,8 +13,8 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from tasks.caching import STAGE_CACHE
 from tasks.config import REPO_ROOT, PipelineConfig, RegistryConfig
 from tasks.etl import DatasetVersion
 
@@ -184,6 +184,6 @@ def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: l
             "champion": str(champion.version) if champion else None}
 
 
-@task(name="register", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(name="register", cache_policy=STAGE_CACHE, persist_result=True)
 def register_task(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], home: str) -> dict:
     return register_candidates(cfg, dataset, reports, Path(home))

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from prefect import task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import atomic_dir, digest, write_json
@@ -19,6 +19,7 @@ from models.config import ModelConfig, TrainConfig
 from models.device import resolve_device
 from models.embedded import build_embedded
 from models.training import ExampleSet, fit_causal_lm
+from tasks.caching import STAGE_CACHE
 from tasks.config import REPO_ROOT
 from tasks.etl import DatasetVersion
 
@@ -133,11 +134,11 @@ def prepare_models_task(cfg: ModelConfig, home: str, device: str) -> tuple[str, 
     return prepare_models(cfg, Path(home), device)
 
 
-@task(name="train-lora", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(name="train-lora", cache_policy=STAGE_CACHE, persist_result=True)
 def train_lora_task(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig, home: str) -> Path:
     return train_lora(base, dataset, cfg, model_cfg, Path(home))
 
 
-@task(name="train-draft", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(name="train-draft", cache_policy=STAGE_CACHE, persist_result=True)
 def train_draft_task(finetuned: Path, draft_init: str | None, dataset: DatasetVersion, cfg: TrainConfig, home: str) -> Path | None:
     return None if draft_init is None else train_draft(finetuned, draft_init, dataset, cfg, home=Path(home))

@@ -1,0 +1,16 @@
+from tasks.caching import code_digest
+
+
+def test_code_digest_changes_with_any_module_a_stage_may_call(tmp_path):
+    for pkg in ("models", "tasks"):
+        (tmp_path / pkg / "sub").mkdir(parents=True)
+        (tmp_path / pkg / "sub" / "m.py").write_text("x = 1\n")
+    digest = code_digest.__wrapped__
+    before = digest(tmp_path)
+    assert digest(tmp_path) == before
+    (tmp_path / "models" / "sub" / "m.py").write_text("x = 2\n")
+    assert digest(tmp_path) != before
+    (tmp_path / "README.md").write_text("docs do not count")
+    after = digest(tmp_path)
+    (tmp_path / "README.md").write_text("still do not count")
+    assert digest(tmp_path) == after
