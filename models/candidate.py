@@ -71,7 +71,6 @@ class Candidate:
         return generate_text(self.model, self.tokenizer, render_prompt(self.tokenizer, prompt),
                              max_new_tokens or self.recipe["max_new_tokens"], extra)
 
-
     def draft_acceptance(self, prompts: list[str], outputs: list[Generation]) -> float | None:
         """Share of the target's greedy tokens the draft agrees with (None without a draft)."""
         if self.draft is None:

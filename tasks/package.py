@@ -44,14 +44,15 @@ def import_champion(registered: str) -> str:
     for m in existing_models(name):
         if m.info.labels.get("mlflow_version") == str(champ.version):
             return str(m.tag)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered}@champion"))
-    candidate = next(local.rglob("recipe.json")).parent  # the candidate dir logged as the pyfunc artifact
-    with bentoml.models.create(
-        name,
-        labels={"registered_model": registered, "mlflow_version": str(champ.version)},
-        metadata={"recipe": read_json(candidate / "recipe.json"), "mlflow_run_id": champ.run_id},
-    ) as model:
-        shutil.copytree(candidate, model.path, dirs_exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="smelt-champion-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered}@champion", dst_path=tmp))
+        candidate = next(local.rglob("recipe.json")).parent  # the candidate dir logged as the pyfunc artifact
+        with bentoml.models.create(
+            name,
+            labels={"registered_model": registered, "mlflow_version": str(champ.version)},
+            metadata={"recipe": read_json(candidate / "recipe.json"), "mlflow_run_id": champ.run_id},
+        ) as model:
+            shutil.copytree(candidate, model.path, dirs_exist_ok=True)
     return str(model.tag)
 
 
