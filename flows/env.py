@@ -27,7 +27,6 @@ def configure_environment(home: Path | None = None) -> Path:
         "BENTOML_HOME": str(home / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
         "TOKENIZERS_PARALLELISM": "false",
-        "GPTQMODEL_CPU_WORKERS": "2",  # GPTQModel asks for more workers than a 2-core box offers
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from models.config import DecodeConfig, ModelConfig, QuantConfig, StrictModel, TrainConfig
+from models.config import DecodeConfig, Device, ModelConfig, QuantConfig, StrictModel, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "infra" / "configs"
@@ -36,7 +36,7 @@ class EtlConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     max_samples: int = Field(48, ge=1, description="Eval-split rows each candidate is scored on.")
-    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+    device: Device = "auto"
 
 
 class RegistryConfig(StrictModel):

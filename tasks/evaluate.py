@@ -69,12 +69,11 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
     cand = load_candidate(candidate_dir, resolve_device(cfg.device))
     cand.generate(rows[0]["prompt"], max_new_tokens=4)  # warm-up: first call pays one-off allocation costs
     outputs = [cand.generate(r["prompt"]) for r in tqdm(rows, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
-    recipe = read_json(candidate_dir / "recipe.json")
     report = {
         "candidate": candidate_dir.name,
         "path": str(candidate_dir),
-        "quant_method": recipe["quant_method"],
-        "strategy": recipe["strategy"],
+        "quant_method": cand.recipe["quant_method"],
+        "strategy": cand.recipe["strategy"],
         "size_bytes": dir_size_bytes(candidate_dir),
         "draft_acceptance": cand.draft_acceptance([r["prompt"] for r in rows], outputs),
         **score(rows, outputs),
