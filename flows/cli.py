@@ -15,6 +15,9 @@ from flows.env import configure_environment, quiet_library_logs, smelt_home
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="smelt: train -> quantize -> evaluate -> register -> package an LLM, on Prefect, MLflow and BentoML.")
 console = Console(width=160)  # wide enough for the summary table in logs and CI, not just terminals
+models_app = typer.Typer(no_args_is_help=True, help="Inspect models in the MLflow registry.")
+app.add_typer(models_app, name="models")
+CONFIG_OPTION = typer.Option("tiny-cpu", "--config", "-c", help="Preset or YAML file whose registry settings (gate, tracking URI) apply.")
 
 
 def load_or_exit(config: str, overrides: list[str]):
@@ -66,6 +69,96 @@ def show_config(
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+def registry_client(config: str):
+    """(client, registry config, home) for registry commands; bad config exits 2."""
+    home = configure_environment()
+    quiet_library_logs()
+    cfg = load_or_exit(config, [])
+    from tasks.tracking import use_tracking
+
+    return use_tracking(cfg.registry, home), cfg.registry, home
+
+
+def fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]{message}[/red]")
+    raise typer.Exit(code)
+
+
+@models_app.command("list")
+def models_list(
+    name: Optional[str] = typer.Argument(None, help="Registered model name; all registered models if left out."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Versions with their aliases, key metrics, gate decisions and lineage."""
+    client, _, _ = registry_client(config)
+    from tasks.promote import RegistryError, list_versions
+
+    names = [name] if name else sorted(m.name for m in client.search_registered_models())
+    if not names:
+        console.print("No registered models yet: run `smelt run` first.")
+    for n in names:
+        try:
+            rows = list_versions(client, n)
+        except RegistryError as err:
+            fail(str(err))
+        console.print(versions_table(n, rows))
+
+
+def versions_table(name: str, rows: list[dict]) -> Table:
+    table = Table(title=f"{name} ({len(rows)} versions)")
+    for col in ("version", "aliases", "exact match", "field acc", "tok/s", "quant", "decoding", "dataset", "config",
+                "commit", "created", "gate"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        pct = lambda v: "-" if v in (None, "None") else f"{float(v):.1%}"  # noqa: E731
+        table.add_row(r["version"], ", ".join(r["aliases"]), pct(r["exact_match"]), pct(r["field_accuracy"]),
+                      "-" if r["tokens_per_s"] is None else f"{float(r['tokens_per_s']):.0f}", r["quant_method"] or "-",
+                      r["strategy"] or "-", r["dataset_version"] or "-", r["config_hash"] or "-", (r["git_commit"] or "-")[:8],
+                      r["created"], (r["rolled_back"] and f"rolled back {r['rolled_back']}") or r["gate"] or "-")
+    return table
+
+
+@app.command()
+def promote(
+    name: str = typer.Argument(..., help="Registered model name, e.g. smelt-tiny-embedded."),
+    version: str = typer.Argument(..., help="Model version to make champion."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the gate refuses; needs --reason."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded on the version (required with --force)."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Make VERSION the champion if it passes the accuracy-and-speed gate against the current champion."""
+    client, registry, home = registry_client(config)
+    from tasks.promote import RegistryError
+    from tasks.promote import promote as promote_version
+
+    try:
+        result = promote_version(client, name, version, registry, home, force=force, reason=reason)
+    except RegistryError as err:
+        fail(str(err), 2)
+    if not result.promoted:
+        fail(f"Refused: v{version} stays off champion (champion is v{result.champion}): {result.reason}")
+    previous = f"; previous champion v{result.previous_champion}" if result.previous_champion else ""
+    console.print(f"[green]{name}: v{result.version} is champion[/green] ({result.reason}{previous}).")
+
+
+@app.command()
+def rollback(
+    name: str = typer.Argument(..., help="Registered model name."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded on the demoted version."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Put the previous champion back as champion (no gate: this is the emergency lever)."""
+    client, _, home = registry_client(config)
+    from tasks.promote import RegistryError
+    from tasks.promote import rollback as rollback_model
+
+    try:
+        result = rollback_model(client, name, home, reason)
+    except RegistryError as err:
+        fail(str(err), 2)
+    console.print(f"[green]{name}: champion is v{result.version} again[/green] ({result.reason}).")
+
+
 def print_summary(result: dict, seconds: float) -> None:
     reg = result["registry"]
     table = Table(title=f"Candidates (dataset {result['dataset']}, {result['counts']['train']} train / {result['counts']['eval']} eval rows)")
@@ -81,6 +174,7 @@ def print_summary(result: dict, seconds: float) -> None:
     console.print(table)
     gate = "promoted to champion" if reg["promoted"] else "not promoted"
     console.print(f"Registered model [bold]{reg['name']}[/bold]: challenger v{reg['challenger']} {gate} ({reg['gate_reason']}); champion is v{reg['champion']}.")
+    console.print(f"MLflow run {result['mlflow_run_id']}; `smelt models list {reg['name']}` shows every version.")
     home = smelt_home()
     lines = [f"Finished in {seconds:.0f} s. Next:",
              f"  MLflow UI:   uv run mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1 --port 5000",

@@ -10,19 +10,30 @@ from tasks.evaluate import build_candidates_task, evaluate_task
 from tasks.package import package_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task
+from tasks.tracking import close_run_task, fail_flow_runs, open_run_task, track_stages_task
 from tasks.train import prepare_models_task, train_draft_task, train_lora_task
 
 
-@flow(name="smelt-pipeline", flow_run_name="{config.preset}", log_prints=True)
+def mark_tracking_failed(flow, flow_run, state) -> None:
+    """A failed or crashed flow run leaves no MLflow run looking as if it were still going."""
+    fail_flow_runs(PipelineConfig.model_validate(flow_run.parameters.get("config") or {}), smelt_home(), str(flow_run.id))
+
+
+@flow(name="smelt-pipeline", flow_run_name="{config.preset}", log_prints=True,
+      on_failure=[mark_tracking_failed], on_crashed=[mark_tracking_failed])
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     home = str(smelt_home())
     dataset = etl_task(config.etl, home)
+    run = open_run_task(config, dataset, home)
     base, draft_init = prepare_models_task(config.model, home, config.train.device)
     finetuned = train_lora_task(base, dataset, config.train, config.model, home)
     draft = train_draft_task(finetuned, draft_init, dataset, config.train, home)
     quantized = quantize_task(finetuned, dataset, config.quant, home, config.train.device)
+    track_stages_task(run, config, home, dataset, finetuned, draft, quantized)
     candidates = build_candidates_task(quantized, draft, config.decode, home)
     reports = [evaluate_task(c, dataset, config.eval, home) for c in candidates]
-    registry = register_task(config, dataset, reports, home)
-    bento = package_task(registry["name"], registry["champion"]) if config.package.build_bento else None
-    return {"dataset": dataset.version, "counts": dataset.counts, "reports": reports, "registry": registry, "bento": bento}
+    registry = register_task(config, dataset, reports, run, home)
+    bento = package_task(registry["name"], registry["champion"], config.registry, home) if config.package.build_bento else None
+    close_run_task(run, config, home, registry, bento)
+    return {"dataset": dataset.version, "counts": dataset.counts, "reports": reports, "registry": registry,
+            "bento": bento, "mlflow_run_id": run}

@@ -49,6 +49,7 @@ def assemble_candidate(quant_dir: Path, draft_dir: Path | None, strategy: str, d
         write_json(tmp / RECIPE, {
             "quant_method": quant_method(quant_dir),
             "strategy": strategy,
+            "draft_model": draft_dir.name if strategy == "draft" else None,
             "compile": decode.compile,
             "max_new_tokens": decode.max_new_tokens,
             "num_draft_tokens": decode.num_draft_tokens,

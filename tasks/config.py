@@ -41,6 +41,10 @@ class EvalConfig(StrictModel):
 
 class RegistryConfig(StrictModel):
     model_name: str | None = Field(None, description="Registered model name; default smelt-<model.name>.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking server or store, e.g. http://mlflow:5000; default $MLFLOW_TRACKING_URI, "
+                          "else SQLite under SMELT_HOME.",
+    )
     accuracy_tolerance: float = Field(0.02, ge=0, le=1, description="A challenger may be this much less accurate than the champion.")
     speed_margin: float = Field(0.10, ge=0, le=1, description="A challenger may be this fraction slower than the champion.")
     min_accuracy_gain_to_trade_speed: float = Field(

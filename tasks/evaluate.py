@@ -25,7 +25,7 @@ def build_candidates(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: D
         for strategy in cfg.strategies:
             if strategy == "draft" and draft_dir is None:
                 continue
-            key = digest("cand-v1", str(qdir), str(draft_dir) if strategy == "draft" else None, strategy, cfg)
+            key = digest("cand-v2", str(qdir), str(draft_dir) if strategy == "draft" else None, strategy, cfg)
             out.append(assemble_candidate(qdir, draft_dir, strategy, cfg, home / "candidates" / f"{method}-{strategy}-{key}"))
     return out
 
@@ -60,9 +60,14 @@ def score(rows: list[dict], outputs: list) -> dict:
     }
 
 
+def eval_split_key(dataset: DatasetVersion, cfg: EvalConfig) -> str:
+    """Names the exact eval rows and settings; numbers are comparable only under the same key."""
+    return digest("eval-split", dataset.version, cfg)
+
+
 def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> dict:
     """Accuracy and speed of one candidate; cached by candidate, dataset version and config."""
-    cache = home / "evals" / f"{digest('eval-v2', candidate_dir.name, dataset.version, cfg)}.json"
+    cache = home / "evals" / f"{digest('eval-v3', candidate_dir.name, eval_split_key(dataset, cfg))}.json"
     if cache.exists():
         return read_json(cache)
     rows = dataset.rows("eval")[: cfg.max_samples]
@@ -74,6 +79,8 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
         "path": str(candidate_dir),
         "quant_method": cand.recipe["quant_method"],
         "strategy": cand.recipe["strategy"],
+        "draft_artifact": cand.recipe.get("draft_model"),
+        "eval_split": eval_split_key(dataset, cfg),
         "size_bytes": dir_size_bytes(candidate_dir),
         "draft_acceptance": cand.draft_acceptance([r["prompt"] for r in rows], outputs),
         **score(rows, outputs),

@@ -14,14 +14,15 @@ from importlib.metadata import version as pkg_version
 from pathlib import Path
 
 import bentoml
-import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 from prefect import task
 
 from models.artifacts import read_json
 from tasks.caching import STAGE_CACHE
-from tasks.config import REPO_ROOT
+from tasks.config import REPO_ROOT, RegistryConfig
+from tasks.register import download_candidate
+from tasks.tracking import use_tracking
 
 BENTO_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "accelerate", "bentoml", "pydantic"]
 
@@ -37,20 +38,21 @@ def existing_models(name: str) -> list:
         return []
 
 
-def import_champion(registered: str) -> str:
+def import_champion(registered: str, client: MlflowClient) -> str:
     """Copy `models:/<registered>@champion` into the BentoML model store (once per MLflow version)."""
-    champ = MlflowClient().get_model_version_by_alias(registered, "champion")
+    champ = client.get_model_version_by_alias(registered, "champion")
     name = bento_model_name(registered)
     for m in existing_models(name):
         if m.info.labels.get("mlflow_version") == str(champ.version):
             return str(m.tag)
     with tempfile.TemporaryDirectory(prefix="smelt-champion-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered}@champion", dst_path=tmp))
-        candidate = next(local.rglob("recipe.json")).parent  # the candidate dir logged as the pyfunc artifact
+        candidate = download_candidate(registered, champ.version, Path(tmp))
         with bentoml.models.create(
             name,
             labels={"registered_model": registered, "mlflow_version": str(champ.version)},
-            metadata={"recipe": read_json(candidate / "recipe.json"), "mlflow_run_id": champ.run_id},
+            # BentoML metadata takes only basic values: unset recipe fields (None) are left out.
+            metadata={"recipe": {k: v for k, v in read_json(candidate / "recipe.json").items() if v is not None},
+                      "mlflow_run_id": champ.run_id},
         ) as model:
             shutil.copytree(candidate, model.path, dirs_exist_ok=True)
     return str(model.tag)
@@ -91,12 +93,12 @@ def build_bento(model_tag: str) -> str:
     return tag
 
 
-def package_champion(registered: str) -> dict:
-    model_tag = import_champion(registered)
+def package_champion(registered: str, registry: RegistryConfig, home: Path) -> dict:
+    model_tag = import_champion(registered, use_tracking(registry, home))
     return {"model_tag": model_tag, "bento_tag": build_bento(model_tag)}
 
 
 @task(name="package", cache_policy=STAGE_CACHE, persist_result=True)
-def package_task(registered: str, champion_version: str | None) -> dict:
+def package_task(registered: str, champion_version: str | None, registry: RegistryConfig, home: str) -> dict:
     # champion_version is part of the cache key: a new champion means a new Bento.
-    return package_champion(registered)
+    return package_champion(registered, registry, Path(home))

@@ -1,26 +1,37 @@
-"""Registration stage: log every candidate to MLflow as a model version, pick the challenger,
-and promote it to champion only through the accuracy-and-speed gate."""
+"""Registration stage: log every candidate to MLflow as a pyfunc model version (in a nested run
+of the pipeline's parent run), pick the challenger, and promote it to champion only through
+the accuracy-and-speed gate, measured on the same eval split as the champion."""
 from __future__ import annotations
 
-import subprocess
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
 
+from models.artifacts import write_json
 from tasks.caching import STAGE_CACHE
 from tasks.config import REPO_ROOT, PipelineConfig, RegistryConfig
 from tasks.etl import DatasetVersion
+from tasks.evaluate import eval_split_key, evaluate_candidate
+from tasks.promote import current_champion, promote, version_metrics
+from tasks.tracking import lineage_tags, start_child_run, use_tracking
 
 # Serving a candidate needs exactly these; pinned to what produced it.
 SERVING_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "pandas", "mlflow"]
 PYFUNC_SOURCE = Path(__file__).with_name("pyfunc_model.py")
+REPORT_METRICS = ("exact_match", "field_accuracy", "tokens_per_s", "draft_acceptance", "latency_p50_s", "latency_p95_s", "size_bytes")
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+    params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
+)
 
 
 @dataclass
@@ -46,88 +57,13 @@ def select_challenger(reports: list[dict], cfg: RegistryConfig) -> Decision:
     return Decision(chosen, reasons)
 
 
-def gate(challenger: dict, champion: dict | None, cfg: RegistryConfig) -> tuple[bool, str]:
-    """Challenger replaces champion only if not less accurate (minus tolerance) and not much slower."""
-    if champion is None:
-        return True, "no champion yet"
-    acc_floor = champion["exact_match"] - cfg.accuracy_tolerance
-    speed_floor = champion["tokens_per_s"] * (1 - cfg.speed_margin)
-    if challenger["exact_match"] < acc_floor:
-        return False, f"exact match {challenger['exact_match']:.3f} < champion {champion['exact_match']:.3f} - tolerance {cfg.accuracy_tolerance}"
-    if challenger["tokens_per_s"] < speed_floor:
-        return False, f"{challenger['tokens_per_s']:.1f} tok/s < champion {champion['tokens_per_s']:.1f} x (1 - {cfg.speed_margin})"
-    return True, (f"exact match {challenger['exact_match']:.3f} >= {acc_floor:.3f} and "
-                  f"{challenger['tokens_per_s']:.1f} tok/s >= {speed_floor:.1f}")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def ensure_experiment(name: str, artifact_root: Path) -> str:
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
-
-
-def metrics_of(version) -> dict | None:
-    try:
-        return {"exact_match": float(version.tags["smelt.exact_match"]),
-                "tokens_per_s": float(version.tags["smelt.tokens_per_s"])}
-    except (KeyError, ValueError):
-        return None
-
-
-def current_champion(client: MlflowClient, name: str):
-    try:
-        return client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return None
-
-
-def log_candidate(report: dict, name: str, lineage: dict) -> str:
-    """Log one candidate as a pyfunc model version (in a nested run); return its version number."""
-    with mlflow.start_run(run_name=report["candidate"], nested=True):
-        mlflow.set_tags({**lineage, "smelt.quant_method": report["quant_method"], "smelt.strategy": report["strategy"]})
-        mlflow.log_metrics({k: float(report[k]) for k in ("exact_match", "field_accuracy", "tokens_per_s", "draft_acceptance",
-                                                          "latency_p50_s", "latency_p95_s", "size_bytes") if report.get(k) is not None})
-        mlflow.log_dict(report, "eval_report.json")
-        info = mlflow.pyfunc.log_model(
-            name="candidate",
-            python_model=str(PYFUNC_SOURCE),
-            artifacts={"candidate": report["path"]},
-            code_paths=[str(REPO_ROOT / "models")],
-            pip_requirements=[f"{p}=={pkg_version(p)}" for p in SERVING_PACKAGES],
-            signature=ModelSignature(
-                inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
-                params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
-            ),
-            registered_model_name=name,
-        )
-    return str(info.registered_model_version)
-
-
-def tag_version(client: MlflowClient, name: str, version: str, report: dict, lineage: dict) -> None:
+def version_tags(report: dict, lineage: dict) -> dict[str, str]:
+    """Tags that make a model version self-describing: lineage, what it is, and the gate's numbers."""
     tags = {**lineage, "smelt.candidate": report["candidate"], "smelt.quant_method": report["quant_method"],
-            "smelt.strategy": report["strategy"], "smelt.exact_match": report["exact_match"],
-            "smelt.field_accuracy": report["field_accuracy"], "smelt.tokens_per_s": report["tokens_per_s"],
-            "smelt.size_bytes": report["size_bytes"], "smelt.draft_acceptance": report.get("draft_acceptance")}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, str(v))
+            "smelt.strategy": report["strategy"], "smelt.eval_split": report["eval_split"],
+            "smelt.draft_artifact": report.get("draft_artifact") or "none"}
+    tags.update({f"smelt.{k}": str(report.get(k)) for k in REPORT_METRICS})
+    return tags
 
 
 def find_version(client: MlflowClient, name: str, candidate: str, dataset: str) -> str | None:
@@ -140,50 +76,80 @@ def find_version(client: MlflowClient, name: str, candidate: str, dataset: str) 
     return str(hits[0].version) if hits else None
 
 
-def promote_through_gate(client: MlflowClient, name: str, version: str, report: dict, cfg: RegistryConfig) -> tuple[bool, str]:
-    """Move `champion` to `version` if the gate passes (the old champion keeps `previous-champion`);
-    the decision and its numbers are recorded on the version."""
+def log_pyfunc(report: dict, name: str, tmp: Path) -> str:
+    """Log the candidate as a pyfunc model version in the active run; return the version number."""
+    report_file = tmp / "eval_report.json"
+    write_json(report_file, report)
+    example = pd.DataFrame({"prompt": [report["examples"][0]["prompt"]]})
+    info = mlflow.pyfunc.log_model(
+        name="candidate",
+        python_model=str(PYFUNC_SOURCE),
+        artifacts={"candidate": report["path"], "eval_report": str(report_file)},
+        code_paths=[str(REPO_ROOT / "models")],
+        pip_requirements=[f"{p}=={pkg_version(p)}" for p in SERVING_PACKAGES],
+        signature=SIGNATURE,
+        # MLflow checks the saved model answers this example; a few tokens keep that check cheap.
+        input_example=(example, {"max_new_tokens": 4}),
+        registered_model_name=name,
+    )
+    return str(info.registered_model_version)
+
+
+def register_candidate(client: MlflowClient, name: str, report: dict, parent_id: str, lineage: dict) -> str:
+    """A nested run per candidate (metrics + eval report); a new model version unless one exists."""
+    existing = find_version(client, name, report["candidate"], lineage["smelt.dataset_version"])
+    run_id = start_child_run(client, parent_id, report["candidate"], {"smelt.quant_method": report["quant_method"],
+                                                                      "smelt.strategy": report["strategy"]})
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="smelt-register-") as tmp:
+        mlflow.log_metrics({k: float(report[k]) for k in REPORT_METRICS if report.get(k) is not None})
+        mlflow.log_dict(report, "eval_report.json")
+        version = existing or log_pyfunc(report, name, Path(tmp))
+        mlflow.set_tag("smelt.model_version", version)
+    for k, v in version_tags(report, lineage).items():
+        client.set_model_version_tag(name, version, k, v)
+    return version
+
+
+def download_candidate(name: str, version: str, dst: Path) -> Path:
+    """Fetch a registered candidate directory (the pyfunc's `candidate` artifact) into `dst`."""
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst)))
+    return next(local.rglob("recipe.json")).parent
+
+
+def champion_on_split(client: MlflowClient, name: str, dataset: DatasetVersion, cfg: PipelineConfig, home: Path) -> dict | None:
+    """The champion's numbers on this run's eval split; re-evaluates it if it was measured on another.
+
+    Returns None when the recorded numbers already apply (or there is no champion).
+    """
     champ = current_champion(client, name)
-    if champ is not None and str(champ.version) == version:
-        promoted, why = True, "already champion"
-    else:
-        promoted, why = gate(report, metrics_of(champ) if champ else None, cfg)
-        if promoted:
-            if champ is not None:
-                client.set_registered_model_alias(name, "previous-champion", champ.version)
-            client.set_registered_model_alias(name, "champion", version)
-    client.set_model_version_tag(name, version, "smelt.gate", f"{'promoted' if promoted else 'refused'}: {why}")
-    return promoted, why
+    recorded = version_metrics(champ) if champ is not None else None
+    split = eval_split_key(dataset, cfg.eval)
+    if champ is None or recorded is None or recorded["eval_split"] == split:
+        return None
+    local = home / "candidates" / champ.tags.get("smelt.candidate", "-")
+    with tempfile.TemporaryDirectory(prefix="smelt-champion-") as tmp:
+        cand = local if (local / "recipe.json").exists() else download_candidate(name, champ.version, Path(tmp))
+        report = evaluate_candidate(cand, dataset, cfg.eval, home)
+    return {"exact_match": report["exact_match"], "tokens_per_s": report["tokens_per_s"], "eval_split": split,
+            "reevaluated_version": str(champ.version)}
 
 
-def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], home: Path) -> dict:
+def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], run_id: str, home: Path) -> dict:
     """Register every candidate, set `challenger`, and promote to `champion` if the gate passes."""
-    client, name = MlflowClient(), cfg.registered_name
-    exp_id = ensure_experiment(f"smelt-{cfg.preset}", home / "mlartifacts")
-    lineage = {"smelt.dataset_version": dataset.version, "smelt.preset": cfg.preset,
-               "smelt.base_model": cfg.model.base, "smelt.draft_model": cfg.model.draft,
-               "smelt.git_commit": git_commit(), "smelt.version": pkg_version("smelt")}
+    client, name = use_tracking(cfg.registry, home), cfg.registered_name
+    lineage = lineage_tags(cfg, dataset)
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)  # logged models follow it
+    versions = [register_candidate(client, name, r, run_id, lineage) for r in reports]
     decision = select_challenger(reports, cfg.registry)
-    mlflow.set_experiment(experiment_id=exp_id)  # nested runs and logged models follow the active experiment
-    with mlflow.start_run(run_name=f"{cfg.preset}-{dataset.version}"):
-        mlflow.set_tags(lineage)
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
-        mlflow.log_dict(dataset.counts, "dataset_counts.json")
-        versions = []
-        for report in reports:
-            v = find_version(client, name, report["candidate"], dataset.version) or log_candidate(report, name, lineage)
-            tag_version(client, name, v, report, lineage)
-            versions.append(v)
-        chosen = versions[decision.chosen]
-        client.set_registered_model_alias(name, "challenger", chosen)
-        promoted, why = promote_through_gate(client, name, chosen, reports[decision.chosen], cfg.registry)
-        mlflow.set_tags({"smelt.challenger": chosen, "smelt.promoted": str(promoted), "smelt.gate_reason": why})
-    champion = current_champion(client, name)
+    chosen = versions[decision.chosen]
+    client.set_registered_model_alias(name, "challenger", chosen)
+    result = promote(client, name, chosen, cfg.registry, home, champion_metrics=champion_on_split(client, name, dataset, cfg, home))
     return {"name": name, "versions": versions, "chosen": decision.chosen, "reasons": decision.reasons,
-            "challenger": chosen, "promoted": promoted, "gate_reason": why,
-            "champion": str(champion.version) if champion else None}
+            "challenger": chosen, "promoted": result.promoted, "gate_reason": result.reason,
+            "gate_numbers": result.numbers, "champion": result.champion}
 
 
 @task(name="register", cache_policy=STAGE_CACHE, persist_result=True)
-def register_task(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], home: str) -> dict:
-    return register_candidates(cfg, dataset, reports, Path(home))
+def register_task(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], run_id: str, home: str) -> dict:
+    # run_id is in the cache key, so each pipeline run registers (reusing versions) under its own run.
+    return register_candidates(cfg, dataset, reports, run_id, Path(home))

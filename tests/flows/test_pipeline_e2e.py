@@ -43,7 +43,7 @@ def test_summary_table_and_next_commands_are_printed(first_run):
     assert "mlflow ui" in out and "prefect server start" in out and "bentoml serve smelt:" in out
 
 
-def test_registry_holds_versions_with_challenger_and_champion(first_run):
+def test_registry_holds_versions_with_challenger_champion_and_lineage(first_run):
     home, _, _ = first_run
     got = json.loads(in_subprocess(home, """
 import json
@@ -52,24 +52,93 @@ c = MlflowClient()
 vs = c.search_model_versions("name = 'smelt-micro-embedded'")
 champ = c.get_model_version_by_alias('smelt-micro-embedded', 'champion')
 chall = c.get_model_version_by_alias('smelt-micro-embedded', 'challenger')
-print(json.dumps({'n': len(vs), 'champ': champ.version, 'chall': chall.version, 'tags': champ.tags}))
+print(json.dumps({'n': len(vs), 'champ': champ.version, 'chall': chall.version, 'tags': [v.tags for v in vs],
+                  'champ_tags': champ.tags}))
 """))
     assert got["n"] == 4  # 2 quantization methods x 2 decoding strategies
     assert got["champ"] == got["chall"]
-    assert got["tags"]["smelt.gate"].startswith("promoted")
-    assert got["tags"]["smelt.quant_method"] in ("none", "torchao-int8-dyn")
-    assert len(got["tags"]["smelt.dataset_version"]) == 12
+    assert got["champ_tags"]["smelt.gate"].startswith("promoted")
+    for tags in got["tags"]:
+        for key in ("dataset_version", "config_hash", "git_commit", "base_model", "quant_method", "draft_model", "version",
+                    "eval_split", "exact_match", "tokens_per_s", "candidate"):
+            assert tags.get(f"smelt.{key}") not in (None, "", "unknown"), (key, tags)
+        assert tags["smelt.quant_method"] in ("none", "torchao-int8-dyn")
+        assert len(tags["smelt.dataset_version"]) == 12 and len(tags["smelt.git_commit"]) == 40
+        assert tags["smelt.draft_artifact"].startswith("draft-") == (tags["smelt.strategy"] == "draft")
 
 
-def test_champion_loads_from_mlflow_and_generates(first_run):
+def test_pipeline_run_has_nested_runs_per_stage_and_candidate(first_run):
     home, _, _ = first_run
-    out = in_subprocess(home, """
-import json, mlflow, pandas as pd
-m = mlflow.pyfunc.load_model('models:/smelt-micro-embedded@champion')
-print(json.dumps(m.predict(pd.DataFrame({'prompt': ['Extract name, city, item, qty and day as JSON.\\nBob from Oslo ordered 3 cups on Monday.']}))))
-""")
-    texts = json.loads(out)
-    assert len(texts) == 1 and isinstance(texts[0], str)
+    got = json.loads(in_subprocess(home, """
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+exp = c.get_experiment_by_name('smelt-micro-cpu')
+runs = c.search_runs([exp.experiment_id])
+parents = [r for r in runs if 'mlflow.parentRunId' not in r.data.tags]
+p = parents[0]
+kids = [r for r in runs if r.data.tags.get('mlflow.parentRunId') == p.info.run_id]
+print(json.dumps({'parents': len(parents), 'status': p.info.status, 'params': p.data.params, 'tags': p.data.tags,
+                  'kids': sorted(r.info.run_name for r in kids), 'kid_status': sorted({r.info.status for r in kids}),
+                  'train_metrics': [r.data.metrics for r in kids if r.info.run_name == 'train']}))
+"""))
+    assert got["parents"] == 1 and got["status"] == "FINISHED" and got["kid_status"] == ["FINISHED"]
+    assert got["params"]["train.lora.r"] and got["params"]["registry.accuracy_tolerance"] and got["params"]["preset"] == "micro-cpu"
+    assert got["tags"]["smelt.prefect_flow_run_id"] and got["tags"]["smelt.champion"]
+    stages = {"etl", "train", "draft", "quantize-none", "quantize-torchao-int8-dyn"}
+    assert stages <= set(got["kids"]) and len(set(got["kids"]) - stages) == 4  # one nested run per candidate
+    assert got["train_metrics"][0]["final_loss"] > 0
+
+
+def test_champion_loads_in_a_fresh_process_and_repeats_evaluation_outputs(first_run):
+    home, _, _ = first_run
+    got = json.loads(in_subprocess(home, """
+import json, pathlib, mlflow, pandas as pd
+uri = 'models:/smelt-micro-embedded@champion'
+info = mlflow.models.get_model_info(uri)
+local = pathlib.Path(mlflow.artifacts.download_artifacts(uri))
+report = json.loads(next(local.rglob('eval_report.json')).read_text())
+m = mlflow.pyfunc.load_model(uri)
+prompts = [e['prompt'] for e in report['examples']]
+print(json.dumps({'outputs': m.predict(pd.DataFrame({'prompt': prompts})), 'expected': [e['output'] for e in report['examples']],
+                  'signature': info.signature.to_dict(), 'example': info.saved_input_example_info is not None,
+                  'files': sorted(str(p.relative_to(local)) for p in local.rglob('*') if p.is_file())}))
+"""))
+    assert got["outputs"] == got["expected"] and len(got["outputs"]) == 3
+    assert "prompt" in got["signature"]["inputs"] and "max_new_tokens" in got["signature"]["params"]
+    assert got["example"]
+    files = "\n".join(got["files"])
+    for part in ("recipe.json", "model/tokenizer.json", "model/smelt_quant.json", "eval_report.json"):
+        assert part in files, part
+
+
+def smelt_cli(home, *args):
+    env = {**os.environ, "SMELT_HOME": str(home)}
+    for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_lists_promotes_with_a_recorded_reason_and_rolls_back(first_run):
+    home, _, _ = first_run
+    listing = smelt_cli(home, "models", "list", "-c", "micro-cpu")
+    assert listing.returncode == 0, listing.stderr
+    assert "smelt-micro-embedded (4 versions)" in listing.stdout and "champion" in listing.stdout
+    champ = json.loads(in_subprocess(home, """
+import json
+from mlflow.tracking import MlflowClient
+print(json.dumps(MlflowClient().get_model_version_by_alias('smelt-micro-embedded', 'champion').version))
+"""))
+    other = next(v for v in ("1", "2", "3", "4") if v != str(champ))
+    refused = smelt_cli(home, "promote", "smelt-micro-embedded", other, "--force", "-c", "micro-cpu")
+    assert refused.returncode == 2 and "--reason" in refused.stdout
+    forced = smelt_cli(home, "promote", "smelt-micro-embedded", other, "--force", "--reason", "e2e test", "-c", "micro-cpu")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert f"v{other} is champion" in forced.stdout
+    back = smelt_cli(home, "rollback", "smelt-micro-embedded", "--reason", "undo e2e test", "-c", "micro-cpu")
+    assert back.returncode == 0 and f"champion is v{champ} again" in back.stdout, back.stdout + back.stderr
+    missing = smelt_cli(home, "promote", "smelt-micro-embedded", "99", "-c", "micro-cpu")
+    assert missing.returncode == 2 and "has no version '99'" in missing.stdout
 
 
 def test_bento_exists_with_serving_and_models_code(first_run):

@@ -1,0 +1,169 @@
+"""MLflow tracking of a pipeline run: one experiment per preset, a parent run per pipeline run,
+nested runs per stage (and, from the register stage, per candidate), lineage tags on each.
+
+Runs are addressed by id through `MlflowClient`, never through MLflow's thread-local "active
+run", because Prefect may run each task in a different thread.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from importlib.metadata import version as pkg_version
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from models.artifacts import digest, read_json
+from tasks.config import REPO_ROOT, PipelineConfig, RegistryConfig
+from tasks.etl import DatasetVersion
+
+PARAM_MAX_CHARS = 6000  # MLflow's limit on a param value
+
+
+def tracking_uri(cfg: RegistryConfig, home: Path) -> str:
+    """Config first, then MLFLOW_TRACKING_URI, then the SQLite store under SMELT_HOME."""
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+
+
+def use_tracking(cfg: RegistryConfig, home: Path) -> MlflowClient:
+    uri = tracking_uri(cfg, home)
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # bentoml.mlflow and child processes read the variable
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    return digest("pipeline-config", cfg)
+
+
+def lineage_tags(cfg: PipelineConfig, dataset: DatasetVersion) -> dict[str, str]:
+    """What a run or model version came from; the same tags on runs and on registry versions."""
+    return {"smelt.dataset_version": dataset.version, "smelt.config_hash": config_hash(cfg), "smelt.preset": cfg.preset,
+            "smelt.base_model": cfg.model.base, "smelt.draft_model": cfg.model.draft, "smelt.git_commit": git_commit(),
+            "smelt.version": pkg_version("smelt")}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+
+
+def prefect_flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.id
+
+
+def open_pipeline_run(cfg: PipelineConfig, dataset: DatasetVersion, home: Path) -> str:
+    """Create the parent run with the whole resolved config as params; return its id."""
+    client = use_tracking(cfg.registry, home)
+    exp_id = ensure_experiment(client, f"smelt-{cfg.preset}", home / "mlartifacts")
+    tags = lineage_tags(cfg, dataset)
+    if flow_id := prefect_flow_run_id():
+        tags["smelt.prefect_flow_run_id"] = flow_id
+    run = client.create_run(exp_id, run_name=f"{cfg.preset}-{dataset.version}", tags=tags)
+    params = [Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+    for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    return run.info.run_id
+
+
+def start_child_run(client: MlflowClient, parent_id: str, name: str, tags: dict[str, str] | None = None) -> str:
+    parent = client.get_run(parent_id)
+    inherited = {k: v for k, v in parent.data.tags.items() if k.startswith("smelt.")}
+    run = client.create_run(parent.info.experiment_id, run_name=name,
+                            tags={**inherited, **(tags or {}), "mlflow.parentRunId": parent_id})
+    return run.info.run_id
+
+
+def numbers_of(d: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def log_stage(client: MlflowClient, parent_id: str, stage: str, metrics: dict, files: list[Path], params: dict | None = None) -> str:
+    """One finished nested run for a stage: its numbers as metrics, its summary files as artifacts."""
+    run_id = start_child_run(client, parent_id, stage, {"smelt.stage": stage})
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in numbers_of(metrics).items()],
+                     params=[Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in (params or {}).items()])
+    for f in files:
+        if Path(f).exists():
+            client.log_artifact(run_id, str(f), artifact_path=stage)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def log_stages(run_id: str, cfg: PipelineConfig, home: Path, dataset: DatasetVersion,
+               finetuned: Path, draft: Path | None, quantized: dict[str, Path]) -> None:
+    """Nested runs for the stages before evaluation, from the summaries each stage wrote to disk."""
+    client = use_tracking(cfg.registry, home)
+    log_stage(client, run_id, "etl", dataset.counts, [dataset.path / "manifest.json", dataset.path / "quarantine.jsonl"],
+              {"dataset_version": dataset.version, "path": dataset.path})
+    log_stage(client, run_id, "train", read_json(finetuned / "train.json"), [finetuned / "train.json"], {"artifact": finetuned.name})
+    if draft is not None:
+        log_stage(client, run_id, "draft", read_json(draft / "train.json"), [draft / "train.json"], {"artifact": draft.name})
+    for method, qdir in quantized.items():
+        size = sum(p.stat().st_size for p in qdir.rglob("*") if p.is_file())
+        log_stage(client, run_id, f"quantize-{method}", {"size_bytes": size}, [qdir / "smelt_quant.json"], {"artifact": qdir.name})
+
+
+def finish_pipeline_run(run_id: str, cfg: PipelineConfig, home: Path, registry: dict, bento: dict | None) -> None:
+    client = use_tracking(cfg.registry, home)
+    tags = [RunTag("smelt.challenger", str(registry["challenger"])), RunTag("smelt.promoted", str(registry["promoted"])),
+            RunTag("smelt.gate_reason", registry["gate_reason"][:5000]), RunTag("smelt.champion", str(registry["champion"]))]
+    if bento:
+        tags.append(RunTag("smelt.bento", bento["bento_tag"]))
+    client.log_batch(run_id, tags=tags)
+    client.set_terminated(run_id, "FINISHED")
+
+
+def fail_flow_runs(cfg: PipelineConfig, home: Path, flow_run_id: str) -> int:
+    """Mark the MLflow runs a failed Prefect flow run left RUNNING as FAILED; return how many."""
+    client = use_tracking(cfg.registry, home)
+    exp = client.get_experiment_by_name(f"smelt-{cfg.preset}")
+    if exp is None:
+        return 0
+    runs = client.search_runs([exp.experiment_id], f"tags.`smelt.prefect_flow_run_id` = '{flow_run_id}' and attributes.status = 'RUNNING'")
+    for r in runs:
+        client.set_terminated(r.info.run_id, "FAILED")
+    return len(runs)
+
+
+# Not cached: every pipeline run gets its own parent run, even when all stages are reused.
+@task(name="open-tracking-run", cache_policy=NO_CACHE)
+def open_run_task(cfg: PipelineConfig, dataset: DatasetVersion, home: str) -> str:
+    return open_pipeline_run(cfg, dataset, Path(home))
+
+
+@task(name="track-stages", cache_policy=NO_CACHE)
+def track_stages_task(run_id: str, cfg: PipelineConfig, home: str, dataset: DatasetVersion,
+                      finetuned: Path, draft: Path | None, quantized: dict[str, Path]) -> None:
+    log_stages(run_id, cfg, Path(home), dataset, finetuned, draft, quantized)
+
+
+@task(name="close-tracking-run", cache_policy=NO_CACHE)
+def close_run_task(run_id: str, cfg: PipelineConfig, home: str, registry: dict, bento: dict | None) -> None:
+    finish_pipeline_run(run_id, cfg, Path(home), registry, bento)
