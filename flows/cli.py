@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows import stack
 from flows.env import configure_environment, quiet_library_logs, smelt_home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -39,6 +40,8 @@ def run(
     home = configure_environment()
     quiet_library_logs()
     cfg = load_or_exit(config, overrides or [])  # refuse a bad config before any work starts
+    if "PREFECT_API_URL" not in os.environ and (api := stack.running_url(home, "prefect")):
+        os.environ["PREFECT_API_URL"] = api  # `smelt up` is running: report the run to its UI
     from flows.pipeline import pipeline
 
     console.print(f"smelt: preset [bold]{cfg.preset}[/bold], home {home}")
@@ -185,6 +188,11 @@ def print_summary(result: dict, seconds: float) -> None:
                   f"  Serve it:    BENTOML_HOME={home / 'bentoml'} uv run bentoml serve {tag} --host 127.0.0.1 --port 3000",
                   f"  Container:   BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {tag}  (needs Docker)"]
     console.print("\n".join(lines))
+
+
+app.command()(stack.up)
+app.command()(stack.down)
+app.command()(stack.status)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -66,10 +66,13 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
+    """The preset's experiment; with a local store its artifacts go under SMELT_HOME, with a
+    tracking server wherever the server keeps them."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    local = client.tracking_uri.startswith(("sqlite:", "file:", "/"))
+    return client.create_experiment(name, artifact_location=artifact_root.resolve().as_uri() if local else None)
 
 
 def prefect_flow_run_id() -> str | None:

@@ -166,3 +166,34 @@ def test_list_versions_shows_aliases_metrics_and_lineage(registry):
     assert rows[0]["aliases"] == ["champion"] and rows[1]["aliases"] == ["challenger"]
     assert rows[1]["tokens_per_s"] == "300.0" and rows[0]["dataset_version"] == "d1"
     assert rows[0]["gate"].startswith("promoted: no champion yet")
+
+
+@pytest.mark.integration
+def test_promotion_and_rollback_through_a_tracking_server(tmp_path):
+    """The same registry operations against `mlflow server` (what `smelt up` starts) over HTTP."""
+    import socket
+
+    from flows.stack import start_services, stop_services
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    [state] = start_services(tmp_path, ["mlflow"], {"mlflow": port})
+    try:
+        client = MlflowClient(tracking_uri=state.api_url)
+        client.create_registered_model(NAME)
+        run = client.create_run(client.create_experiment("remote"))  # the server takes sources only from a run's artifacts
+        versions = []
+        for em in (0.5, 0.7, 0.2):
+            v = client.create_model_version(NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+            for k, val in {"smelt.exact_match": em, "smelt.tokens_per_s": 100.0, "smelt.eval_split": "s"}.items():
+                client.set_model_version_tag(NAME, v, k, str(val))
+            versions.append(str(v))
+        assert promote(client, NAME, versions[0], CFG, tmp_path).promoted
+        assert promote(client, NAME, versions[1], CFG, tmp_path).promoted
+        assert not promote(client, NAME, versions[2], CFG, tmp_path).promoted
+        rollback(client, NAME, tmp_path)
+        assert aliases_of(client, NAME) == {"champion": versions[0]}
+        assert [r["aliases"] for r in list_versions(client, NAME)] == [["champion"], [], []]
+    finally:
+        stop_services(tmp_path, ["mlflow"])

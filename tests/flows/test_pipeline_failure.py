@@ -1,0 +1,31 @@
+"""A pipeline that fails mid-way leaves its MLflow run marked FAILED and the registry untouched."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_failed_flow_marks_its_mlflow_run_failed(tmp_path):
+    env = {**os.environ, "SMELT_HOME": str(tmp_path)}
+    for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME"):
+        env.pop(var, None)
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", "micro-cpu", f"model.base={missing}", "model.draft=none"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert str(missing) in proc.stdout + proc.stderr  # the error names what was missing
+    check = subprocess.run([sys.executable, "-c", """
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+exp = c.get_experiment_by_name('smelt-micro-cpu')
+runs = c.search_runs([exp.experiment_id])
+print(json.dumps({'status': [r.info.status for r in runs], 'models': len(c.search_registered_models())}))
+"""], env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    got = json.loads(check.stdout.strip().splitlines()[-1])
+    assert got == {"status": ["FAILED"], "models": 0}
