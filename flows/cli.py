@@ -180,8 +180,8 @@ def print_summary(result: dict, seconds: float) -> None:
     console.print(f"MLflow run {result['mlflow_run_id']}; `smelt models list {reg['name']}` shows every version.")
     home = smelt_home()
     lines = [f"Finished in {seconds:.0f} s. Next:",
-             f"  MLflow UI:   uv run mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']} --host 127.0.0.1 --port 5000",
-             f"  Prefect UI:  PREFECT_HOME={home / 'prefect'} uv run prefect server start --host 127.0.0.1"]
+             f"  Versions:    uv run smelt models list {reg['name']}",
+             "  UIs:         uv run smelt up    (MLflow and Prefect servers on 127.0.0.1; `smelt down` stops them)"]
     if result.get("bento"):
         tag = result["bento"]["bento_tag"]
         lines += [f"  Bento:       {tag}  (BENTOML_HOME={home / 'bentoml'})",

@@ -40,7 +40,8 @@ def test_summary_table_and_next_commands_are_printed(first_run):
     assert "Candidates (dataset" in out
     for word in ("torchao-int8-dyn", "none", "plain", "draft", "exact match", "tok/s", "size MB", "chosen"):
         assert word in out
-    assert "mlflow ui" in out and "prefect server start" in out and "bentoml serve smelt:" in out
+    assert "smelt models list smelt-micro-embedded" in out and "smelt up" in out and "bentoml serve smelt:" in out
+    assert "MLflow run " in out and "challenger v" in out
 
 
 def test_registry_holds_versions_with_challenger_champion_and_lineage(first_run):
