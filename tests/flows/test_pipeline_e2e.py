@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from tests.ports import free_port
+
 pytestmark = pytest.mark.integration
 
 
@@ -109,7 +111,7 @@ print(json.dumps({'outputs': m.predict(pd.DataFrame({'prompt': prompts})), 'expe
     assert "prompt" in got["signature"]["inputs"] and "max_new_tokens" in got["signature"]["params"]
     assert got["example"]
     files = "\n".join(got["files"])
-    for part in ("recipe.json", "model/tokenizer.json", "model/smelt_quant.json", "eval_report.json"):
+    for part in ("recipe.json", "model/tokenizer.json", "model/chat_template.jinja", "model/smelt_quant.json", "eval_report.json"):
         assert part in files, part
 
 
@@ -170,12 +172,6 @@ print(len(MlflowClient().search_model_versions("name = 'smelt-micro-embedded'"))
     assert seconds < first_seconds
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_built_bento_serves_the_champion_on_localhost(first_run):

@@ -1,21 +1,15 @@
 """The pipeline reporting to the servers `smelt up` starts: Prefect API and MLflow over HTTP."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from flows.stack import start_services, stop_services
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_pipeline_runs_against_smelt_up_servers(tmp_path):

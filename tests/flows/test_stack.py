@@ -23,12 +23,7 @@ from flows.stack import (
     stop_services,
     write_state,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port
 
 
 def group_alive(pgid: int) -> bool:

@@ -171,14 +171,10 @@ def test_list_versions_shows_aliases_metrics_and_lineage(registry):
 @pytest.mark.integration
 def test_promotion_and_rollback_through_a_tracking_server(tmp_path):
     """The same registry operations against `mlflow server` (what `smelt up` starts) over HTTP."""
-    import socket
-
     from flows.stack import start_services, stop_services
+    from tests.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    [state] = start_services(tmp_path, ["mlflow"], {"mlflow": port})
+    [state] = start_services(tmp_path, ["mlflow"], {"mlflow": free_port()})
     try:
         client = MlflowClient(tracking_uri=state.api_url)
         client.create_registered_model(NAME)
