@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.artifacts import atomic_dir, read_json, write_json
 from models.chat import render_prompt
 from models.config import DecodeConfig
-from models.decoding import Generation, draft_agreement, generate_text, strategy_kwargs
+from models.decoding import Generation, SamplingParams, draft_agreement, generate_batch, generate_text, strategy_kwargs
 from models.quant import load_quantized, quant_method
 
 RECIPE = "recipe.json"
@@ -66,11 +66,28 @@ class Candidate:
     recipe: dict
 
     def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:
-        """Answer one user prompt, rendered with the chat template stored at training time."""
+        """Answer one user prompt, rendered with the chat template stored at training time (greedy)."""
+        return self.complete(render_prompt(self.tokenizer, prompt), SamplingParams(max_new_tokens or self.recipe["max_new_tokens"]))
+
+    def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
+        """Continue already-rendered text with this candidate's decoding strategy."""
         extra = strategy_kwargs(self.recipe["strategy"], self.draft, self.recipe["num_draft_tokens"],
                                 self.recipe["prompt_lookup_tokens"])
-        return generate_text(self.model, self.tokenizer, render_prompt(self.tokenizer, prompt),
-                             max_new_tokens or self.recipe["max_new_tokens"], extra)
+        return generate_text(self.model, self.tokenizer, prompt_text, params, extra, streamer)
+
+    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
+        """Several greedy requests in one forward per step; only the plain strategy batches."""
+        if not self.batchable(params):
+            raise ValueError("only greedy requests of a plain-strategy candidate can be batched")
+        return generate_batch(self.model, self.tokenizer, prompt_texts, params)
+
+    def batchable(self, params: list[SamplingParams]) -> bool:
+        # transformers' assisted generation runs at batch size 1 only (shared FACTS.md).
+        return self.recipe["strategy"] == "plain" and all(p.temperature <= 0 for p in params)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     def draft_acceptance(self, prompts: list[str], outputs: list[Generation]) -> float | None:
         """Share of the target's greedy tokens the draft agrees with (None without a draft)."""

@@ -24,9 +24,12 @@ class Example:
 
 def render_prompt(tokenizer, prompt: str) -> str:
     """The text the model sees before it starts its answer."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
+    return render_messages(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def render_messages(tokenizer, messages: list[dict]) -> str:
+    """A conversation ([{role, content}, ...]) as the model sees it, ending where the assistant answers."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def render_full(tokenizer, prompt: str, completion: str) -> str:

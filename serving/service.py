@@ -1,7 +1,9 @@
-"""The BentoML service: serves one candidate exactly as it was evaluated.
+"""The BentoML service: serves one candidate exactly as it was evaluated, behind an
+OpenAI-compatible API (/v1) plus the native `generate` and `recipe` endpoints.
 
 The model is declared once (a BentoML model-store tag, imported from the MLflow champion by
-`tasks.package`), loaded in __init__ through models/ — the same loader evaluation used.
+`tasks.package`) and loaded in __init__ through models/, the same loader evaluation used; a
+warm-up generation runs before BentoML reports the service ready (/readyz).
 """
 from __future__ import annotations
 
@@ -12,9 +14,16 @@ import bentoml
 from pydantic import BaseModel, Field
 
 from models.candidate import load_candidate
+from models.chat import render_prompt
+from models.decoding import SamplingParams
 from models.device import resolve_device
+from serving.config import ServeConfig
+from serving.engine import Busy, Engine
+from serving.metrics import Metrics
+from serving.openai_api import create_app
 
 PINNED_MODEL_FILE = Path(__file__).with_name("bento_model.txt")
+openai_app = create_app()
 
 
 def model_tag() -> str:
@@ -37,15 +46,27 @@ class GenerateResponse(BaseModel):
 
 
 @bentoml.service(name="smelt", traffic={"timeout": 300}, http={"host": "127.0.0.1"})
+@bentoml.asgi_app(openai_app, path="/v1")
 class SmeltService:
     model_ref = bentoml.models.BentoModel(model_tag())
 
     def __init__(self) -> None:
-        self.candidate = load_candidate(Path(self.model_ref.path), resolve_device(os.environ.get("SMELT_DEVICE", "auto")))
+        cfg = ServeConfig.from_env()
+        labels = self.model_ref.info.labels
+        cfg.model_id = cfg.model_id or labels.get("registered_model") or self.model_ref.tag.name
+        self.candidate = load_candidate(Path(self.model_ref.path), resolve_device(cfg.device))
+        self.candidate.generate("warm-up", max_new_tokens=2)  # compile and allocate before /readyz says yes
+        self.engine = Engine(self.candidate, cfg, Metrics())
+        openai_app.state.engine = self.engine
 
     @bentoml.api
     def generate(self, request: GenerateRequest) -> GenerateResponse:
-        out = self.candidate.generate(request.prompt, request.max_new_tokens)
+        prompt = render_prompt(self.candidate.tokenizer, request.prompt)
+        try:
+            job = self.engine.submit(prompt, SamplingParams(request.max_new_tokens))
+        except Busy as err:
+            raise bentoml.exceptions.ServiceUnavailable(str(err)) from None
+        out = job.future.result()
         return GenerateResponse(text=out.text, new_tokens=out.new_tokens, seconds=round(out.seconds, 4))
 
     @bentoml.api

@@ -1,0 +1,132 @@
+"""The generation engine behind the API: one worker thread owns the model; requests queue for it.
+
+- A bounded queue: past `max_batch_size + max_queue` outstanding requests, `submit` raises `Busy`
+  (the API answers 429 with Retry-After) instead of letting work pile up without limit.
+- Batching where the decoding strategy allows: greedy requests to a plain-strategy candidate that
+  arrive together are decoded in one left-padded batch; everything else (sampling, speculative
+  decoding, streaming) runs one request at a time, exactly as it was evaluated.
+- One thread owns the model, so per-request seeds are reproducible and nothing races on it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from transformers import TextIteratorStreamer
+
+from models.candidate import Candidate
+from models.decoding import Generation, SamplingParams, draft_agreement
+from serving.config import ServeConfig
+
+
+class Busy(RuntimeError):
+    """Too many requests are outstanding; try again after `retry_after` seconds."""
+
+    def __init__(self, outstanding: int, retry_after: int):
+        super().__init__(f"server busy: {outstanding} requests outstanding; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class TokenStream(TextIteratorStreamer):
+    """Text chunks as tokens are accepted, plus when the first one arrived (time to first token)."""
+
+    def __init__(self, tokenizer, timeout: float = 300.0):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
+        self.t0 = time.perf_counter()
+        self.first: float | None = None
+
+    def put(self, value) -> None:
+        if not self.next_tokens_are_prompt and self.first is None:
+            self.first = time.perf_counter() - self.t0
+        super().put(value)
+
+
+@dataclass
+class Job:
+    prompt_text: str
+    params: SamplingParams
+    stream: TokenStream | None = None
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Engine:
+    def __init__(self, candidate: Candidate, cfg: ServeConfig, metrics=None):
+        self.candidate, self.cfg, self.metrics = candidate, cfg, metrics
+        self.jobs: deque[Job] = deque()
+        self.wake = threading.Condition()
+        self.outstanding = 0
+        threading.Thread(target=self.serve_forever, name="smelt-engine", daemon=True).start()
+
+    def prompt_tokens(self, prompt_text: str) -> int:
+        return len(self.candidate.tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+
+    def submit(self, prompt_text: str, params: SamplingParams, stream: bool = False) -> Job:
+        """Queue one request; raises Busy when the queue is full."""
+        job = Job(prompt_text, params, TokenStream(self.candidate.tokenizer) if stream else None)
+        with self.wake:
+            if self.outstanding >= self.cfg.max_batch_size + self.cfg.max_queue:
+                raise Busy(self.outstanding, self.cfg.retry_after_s)
+            self.outstanding += 1
+            self.jobs.append(job)
+            self.wake.notify()
+        return job
+
+    def serve_forever(self) -> None:
+        while True:
+            batch = self.next_batch()
+            try:
+                self.run(batch)
+            finally:
+                with self.wake:
+                    self.outstanding -= len(batch)
+
+    def next_batch(self) -> list[Job]:
+        """The oldest job, plus (after a short wait) queued jobs that can share its batch."""
+        with self.wake:
+            while not self.jobs:
+                self.wake.wait()
+            first = self.jobs.popleft()
+            if not self.can_batch(first):
+                return [first]
+            self.wake.wait_for(lambda: len(self.jobs) >= self.cfg.max_batch_size - 1, timeout=self.cfg.batch_wait_ms / 1000)
+            batch = [first]
+            for job in list(self.jobs):
+                if len(batch) < self.cfg.max_batch_size and self.can_batch(job):
+                    self.jobs.remove(job)
+                    batch.append(job)
+            return batch
+
+    def can_batch(self, job: Job) -> bool:
+        return job.stream is None and self.cfg.max_batch_size > 1 and self.candidate.batchable([job.params])
+
+    def run(self, batch: list[Job]) -> None:
+        try:
+            if len(batch) == 1:
+                gens = [self.candidate.complete(batch[0].prompt_text, batch[0].params, streamer=batch[0].stream)]
+            else:
+                gens = self.candidate.complete_batch([j.prompt_text for j in batch], [j.params for j in batch])
+        except Exception as err:  # the request fails, the engine keeps serving
+            for job in batch:
+                if job.stream is not None:
+                    job.stream.end()
+                job.future.set_exception(err)
+            return
+        for job, gen in zip(batch, gens):
+            if job.stream is not None and job.stream.first is not None:
+                gen.first_token_s = job.stream.first
+            self.observe(job, gen, len(batch))
+            job.future.set_result(gen)
+
+    def observe(self, job: Job, gen: Generation, batch_size: int) -> None:
+        if self.metrics is None:
+            return
+        acceptance = None
+        if self.candidate.draft is not None and job.params.temperature <= 0 and gen.token_ids:
+            prompt_ids = self.candidate.tokenizer(job.prompt_text, add_special_tokens=False)["input_ids"]
+            agree, total = draft_agreement(gen.token_ids, prompt_ids, self.candidate.draft)
+            acceptance = agree / total
+        self.metrics.observe(gen, time.perf_counter() - job.queued_at, batch_size, acceptance)

@@ -1,0 +1,185 @@
+"""OpenAI-compatible routes (`/v1/completions`, `/v1/chat/completions`, `/v1/models`) over the engine.
+
+Mounted into the BentoML service at /v1; built by `create_app` so tests can also run it in-process.
+Every bad request gets a 4xx in OpenAI's error shape naming what was wrong; nothing a client sends
+can stop the server.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from typing import Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from models.chat import render_messages
+from models.decoding import Generation, SamplingParams, cut_at_stop
+from serving.engine import Busy, Engine
+from serving.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage, error_body, new_id, now
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def engine_of(request: Request) -> Engine:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise ApiError(503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"})
+    return engine
+
+
+def check_auth(request: Request, engine: Engine) -> None:
+    key = engine.cfg.api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {key.get_secret_value()}".encode()):
+        raise ApiError(401, "missing or wrong API key (send `Authorization: Bearer <key>`)", code="invalid_api_key")
+
+
+def sampling(req: SamplingFields, engine: Engine, prompt_text: str) -> SamplingParams:
+    """The request's sampling settings, refused with a 400 when over the server's limits."""
+    served = engine.cfg.model_id
+    if req.model != served:
+        raise ApiError(404, f"model {req.model!r} is not served here; this server serves {served!r}", "model", "model_not_found")
+    max_tokens = req.max_tokens or min(engine.candidate.recipe["max_new_tokens"], engine.cfg.max_tokens)
+    if max_tokens > engine.cfg.max_tokens:
+        raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {engine.cfg.max_tokens}", "max_tokens")
+    used = engine.prompt_tokens(prompt_text)
+    if used + max_tokens > engine.candidate.context_length:
+        raise ApiError(400, f"the prompt is {used} tokens; with max_tokens {max_tokens} that exceeds the model's context of "
+                            f"{engine.candidate.context_length} tokens", "messages" if "chat" in type(req).__name__.lower() else "prompt")
+    return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, req.stop_list())
+
+
+async def generate(engine: Engine, prompt_text: str, params: SamplingParams) -> Generation:
+    try:
+        job = engine.submit(prompt_text, params)
+    except Busy as err:
+        raise ApiError(429, str(err), code="rate_limited", headers={"Retry-After": str(err.retry_after)}) from None
+    return await asyncio.wrap_future(job.future)
+
+
+def usage(gens: list[Generation]) -> dict:
+    p, c = sum(g.prompt_tokens for g in gens), sum(g.new_tokens for g in gens)
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c).model_dump()
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def stream_chunks(engine: Engine, prompt_text: str, params: SamplingParams, make_chunk, include_usage: bool) -> Iterator[str]:
+    """Server-sent events: text as it is generated, held back only where it could begin a stop string."""
+    try:
+        job = engine.submit(prompt_text, params, stream=True)
+    except Busy as err:
+        raise ApiError(429, str(err), code="rate_limited", headers={"Retry-After": str(err.retry_after)}) from None
+
+    def events() -> Iterator[str]:
+        sent, text, hold = 0, "", max((len(s) - 1 for s in params.stop), default=0)
+        yield sse(make_chunk(None, None))  # opens the stream (the chat role) before the first token
+        for piece in job.stream:
+            text = text + piece if sent else (text + piece).lstrip()  # as the non-streamed text, which is stripped
+            safe, stopped = cut_at_stop(text, params.stop)
+            upto = len(safe) if stopped else max(sent, len(text) - hold)
+            if upto > sent:
+                yield sse(make_chunk(text[sent:upto], None))
+                sent = upto
+        gen = job.future.result()  # raises if generation failed
+        final = cut_at_stop(text, params.stop)[0].rstrip()
+        if len(final) > sent:
+            yield sse(make_chunk(final[sent:], None))
+        yield sse(make_chunk(None, gen.finish_reason))
+        if include_usage:
+            yield sse({**make_chunk(None, None), "choices": [], "usage": usage([gen])})
+        yield "data: [DONE]\n\n"
+    return events()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="smelt OpenAI-compatible API", docs_url="/docs", openapi_url="/openapi.json")
+    install_error_handlers(app)
+
+    @app.get("/models")
+    async def list_models(request: Request) -> dict:
+        engine = engine_of(request)
+        check_auth(request, engine)
+        return {"object": "list", "data": [{"id": engine.cfg.model_id, "object": "model", "created": now(), "owned_by": "smelt"}]}
+
+    @app.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        engine = engine_of(request)
+        check_auth(request, engine)
+        rid, created = new_id("cmpl"), now()
+        params = [sampling(body, engine, p) for p in body.prompts()]
+
+        def chunk(text, finish):
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+        if body.stream:
+            if len(params) > 1:
+                raise ApiError(400, "stream supports one prompt per request", "prompt")
+            return streaming(stream_chunks(engine, body.prompts()[0], params[0], chunk, body.include_usage()))
+        gens = await asyncio.gather(*(generate(engine, p, sp) for p, sp in zip(body.prompts(), params)))
+        return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "usage": usage(gens),
+                "choices": [{"index": i, "text": g.text, "finish_reason": g.finish_reason, "logprobs": None} for i, g in enumerate(gens)]}
+
+    @app.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        engine = engine_of(request)
+        check_auth(request, engine)
+        rid, created = new_id("chatcmpl"), now()
+        prompt_text = render_messages(engine.candidate.tokenizer, [m.model_dump() for m in body.messages])
+        params = sampling(body, engine, prompt_text)
+
+        def chunk(text, finish):
+            delta = {"role": "assistant", "content": ""} if text is None and finish is None else ({"content": text} if text else {})
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if body.stream:
+            return streaming(stream_chunks(engine, prompt_text, params, chunk, body.include_usage()))
+        gen = await generate(engine, prompt_text, params)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model, "usage": usage([gen]),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason}]}
+
+    return app
+
+
+def streaming(events: Iterator[str]) -> StreamingResponse:
+    # A sync iterator: Starlette runs it in a thread pool, so waiting for tokens never blocks the event loop.
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError):
+        count(request, err.status)
+        return JSONResponse(error_body(err.message, param=err.param, code=err.code), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"] if x != "body") or "body"
+        msg = "request body is not valid JSON" if first["type"] == "json_invalid" else f"{where}: {first['msg']}"
+        count(request, 400)
+        return JSONResponse(error_body(msg, param=where), status_code=400)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        if response.status_code < 400:
+            count(request, response.status_code)
+        return response
+
+
+def count(request: Request, code: int) -> None:
+    metrics = getattr(getattr(request.app.state, "engine", None), "metrics", None)
+    if metrics is not None:
+        metrics.count(request.url.path, code)
