@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows import stack
+from flows import loadtest, stack
 from flows.env import configure_environment, quiet_library_logs, smelt_home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -111,7 +111,7 @@ def versions_table(name: str, rows: list[dict]) -> Table:
     table = Table(title=f"{name} ({len(rows)} versions)")
     for col in ("version", "aliases", "exact match", "field acc", "tok/s", "quant", "decoding", "dataset", "config",
                 "commit", "created", "gate"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col not in ("gate", "aliases"))
     for r in rows:
         pct = lambda v: "-" if v in (None, "None") else f"{float(v):.1%}"  # noqa: E731
         table.add_row(r["version"], ", ".join(r["aliases"]), pct(r["exact_match"]), pct(r["field_accuracy"]),
@@ -162,6 +162,52 @@ def rollback(
     console.print(f"[green]{name}: champion is v{result.version} again[/green] ({result.reason}).")
 
 
+@app.command()
+def package(
+    name: Optional[str] = typer.Argument(None, help="Registered model name; default the preset's (smelt-<model.name>)."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Import models:/NAME@champion into BentoML's model store and build its Bento (serving/ + models/)."""
+    client, registry, home = registry_client(config)
+    from tasks.package import package_champion
+    from tasks.promote import current_champion
+
+    name = name or load_or_exit(config, []).registered_name
+    if current_champion(client, name) is None:
+        fail(f"{name!r} has no champion yet: run `smelt run` or `smelt promote {name} VERSION` first", 2)
+    result = package_champion(name, registry, home)
+    console.print(f"Bento [bold]{result['bento_tag']}[/bold] (model {result['model_tag']}).\n"
+                  f"  Serve it:   uv run smelt serve {name}\n"
+                  f"  Container:  BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {result['bento_tag']}  (needs Docker)")
+
+
+@app.command()
+def serve(
+    name: Optional[str] = typer.Argument(None, help="Registered model name; default the preset's."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; 127.0.0.1 keeps it on this machine."),
+    port: int = typer.Option(3000, help="Port of the HTTP API (OpenAI-compatible under /v1)."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Serve the champion's Bento (packaging it first if needed) with `bentoml serve`; Ctrl-C stops it.
+
+    Settings come from the environment: SMELT_API_KEY, SMELT_MAX_TOKENS, SMELT_MAX_BATCH_SIZE,
+    SMELT_MAX_QUEUE, SMELT_DEVICE (see serving/config.py).
+    """
+    import subprocess
+
+    client, registry, home = registry_client(config)
+    from tasks.package import package_champion
+    from tasks.promote import current_champion
+
+    name = name or load_or_exit(config, []).registered_name
+    if current_champion(client, name) is None:
+        fail(f"{name!r} has no champion yet: run `smelt run` first", 2)
+    tag = package_champion(name, registry, home)["bento_tag"]
+    console.print(f"Serving {tag} on http://{host}:{port} (OpenAI API at http://{host}:{port}/v1)")
+    proc = subprocess.run([sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)])
+    raise typer.Exit(proc.returncode)
+
+
 def print_summary(result: dict, seconds: float) -> None:
     reg = result["registry"]
     table = Table(title=f"Candidates (dataset {result['dataset']}, {result['counts']['train']} train / {result['counts']['eval']} eval rows)")
@@ -185,7 +231,7 @@ def print_summary(result: dict, seconds: float) -> None:
     if result.get("bento"):
         tag = result["bento"]["bento_tag"]
         lines += [f"  Bento:       {tag}  (BENTOML_HOME={home / 'bentoml'})",
-                  f"  Serve it:    BENTOML_HOME={home / 'bentoml'} uv run bentoml serve {tag} --host 127.0.0.1 --port 3000",
+                  f"  Serve it:    uv run smelt serve {reg['name']}   (OpenAI-compatible API on http://127.0.0.1:3000/v1)",
                   f"  Container:   BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {tag}  (needs Docker)"]
     console.print("\n".join(lines))
 
@@ -193,6 +239,7 @@ def print_summary(result: dict, seconds: float) -> None:
 app.command()(stack.up)
 app.command()(stack.down)
 app.command()(stack.status)
+app.command()(loadtest.loadtest)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,7 +1,7 @@
 """The Prefect cache policy every cached stage uses.
 
 Prefect's TASK_SOURCE hashes only the @task function's own lines, not the code it calls, so a
-change in models/ or tasks/ would let a rerun return results computed by the old code. Adding
+change in models/, tasks/ or serving/ would let a rerun return results computed by the old code. Adding
 a hash of both packages' sources makes a code change invalidate the cache, as inputs do.
 """
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any, Optional
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
-PACKAGES = ("models", "tasks")
+PACKAGES = ("models", "tasks", "serving")  # serving/ too: the package stage builds it into the Bento
 
 
 @functools.cache
-def code_digest(root: Path = Path(__file__).resolve().parent.parent) -> str:
+def code_digest(packages: tuple[str, ...] = PACKAGES, root: Path = Path(__file__).resolve().parent.parent) -> str:
     h = hashlib.sha256()
-    for pkg in PACKAGES:
+    for pkg in packages:
         for path in sorted((root / pkg).rglob("*.py")):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())

@@ -19,12 +19,14 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from models.artifacts import read_json
-from tasks.caching import STAGE_CACHE
+from tasks.caching import STAGE_CACHE, code_digest
 from tasks.config import REPO_ROOT, RegistryConfig
 from tasks.register import download_candidate
 from tasks.tracking import use_tracking
 
-BENTO_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "accelerate", "bentoml", "pydantic"]
+BENTO_SOURCES = ("serving", "models")
+BENTO_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "accelerate", "bentoml", "pydantic",
+                  "fastapi", "prometheus-client"]
 
 
 def bento_model_name(registered: str) -> str:
@@ -62,7 +64,7 @@ def bentofile(model_tag: str) -> dict:
     return {
         "service": "serving.service:SmeltService",
         "name": "smelt",
-        "labels": {"model": model_tag.replace(":", "-")},
+        "labels": {"model": model_tag.replace(":", "-"), "source": code_digest(BENTO_SOURCES)},
         "include": ["serving/**/*.py", "serving/bento_model.txt", "models/**/*.py"],
         "exclude": ["**/__pycache__"],
         "envs": [{"name": "SMELT_BENTO_MODEL", "value": model_tag}],
@@ -94,8 +96,20 @@ def build_bento(model_tag: str) -> str:
 
 
 def package_champion(registered: str, registry: RegistryConfig, home: Path) -> dict:
+    """Import the champion (once per MLflow version) and return its Bento, building it only if none exists."""
     model_tag = import_champion(registered, use_tracking(registry, home))
-    return {"model_tag": model_tag, "bento_tag": build_bento(model_tag)}
+    return {"model_tag": model_tag, "bento_tag": find_bento(model_tag) or build_bento(model_tag)}
+
+
+def find_bento(model_tag: str) -> str | None:
+    """The newest Bento built around `model_tag` from the current serving/ and models/ code, if any."""
+    try:
+        bentos = bentoml.list("smelt")
+    except bentoml.exceptions.NotFound:
+        return None
+    want = {"model": model_tag.replace(":", "-"), "source": code_digest(BENTO_SOURCES)}  # same model, same code
+    hits = [b for b in bentos if all(b.info.labels.get(k) == v for k, v in want.items())]
+    return str(max(hits, key=lambda b: b.info.creation_time).tag) if hits else None
 
 
 @task(name="package", cache_policy=STAGE_CACHE, persist_result=True)

@@ -42,7 +42,7 @@ def test_summary_table_and_next_commands_are_printed(first_run):
     assert "Candidates (dataset" in out
     for word in ("torchao-int8-dyn", "none", "plain", "draft", "exact match", "tok/s", "size MB", "chosen"):
         assert word in out
-    assert "smelt models list smelt-micro-embedded" in out and "smelt up" in out and "bentoml serve smelt:" in out
+    assert "smelt models list smelt-micro-embedded" in out and "smelt up" in out and "smelt serve smelt-micro-embedded" in out
     assert "MLflow run " in out and "challenger v" in out
 
 
@@ -174,17 +174,19 @@ print(len(MlflowClient().search_model_versions("name = 'smelt-micro-embedded'"))
 
 
 
-def test_built_bento_serves_the_champion_on_localhost(first_run):
+@pytest.fixture(scope="module")
+def served(first_run):
+    """The pipeline's Bento under `bentoml serve` on 127.0.0.1, with an API key from the environment."""
     import httpx
 
     home, out, _ = first_run
     tag = next(line.split()[1] for line in out.splitlines() if line.strip().startswith("Bento:"))
     port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "BENTOML_DO_NOT_TRACK": "true", "SMELT_API_KEY": "e2e-key"}
     server = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             assert server.poll() is None, server.stderr.read()[-3000:]
             try:
@@ -194,19 +196,86 @@ def test_built_bento_serves_the_champion_on_localhost(first_run):
                 pass
             time.sleep(1)
         else:
-            pytest.fail("bentoml serve did not become ready in 120 s")
-        prompt = "Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups on Monday."
-        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"request": {"prompt": prompt, "max_new_tokens": 8}}, timeout=60)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert isinstance(body["text"], str) and 0 < body["new_tokens"] <= 8
-        recipe = httpx.post(f"http://127.0.0.1:{port}/recipe", json={}, timeout=30).json()
-        assert recipe["quant_method"] in ("none", "torchao-int8-dyn")
-        bad = httpx.post(f"http://127.0.0.1:{port}/generate", json={"request": {"prompt": "", "max_new_tokens": 0}}, timeout=30)
-        assert 400 <= bad.status_code < 500
+            pytest.fail("bentoml serve did not become ready in 180 s")
+        yield f"http://127.0.0.1:{port}", home
     finally:
         server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def champion_report(home) -> dict:
+    return json.loads(in_subprocess(home, """
+import json, pathlib, mlflow
+local = pathlib.Path(mlflow.artifacts.download_artifacts('models:/smelt-micro-embedded@champion'))
+print(json.dumps(json.loads(next(local.rglob('eval_report.json')).read_text())))
+"""))
+
+
+def test_openai_client_gets_the_pipelines_greedy_output(served):
+    from openai import OpenAI
+
+    url, home = served
+    report = champion_report(home)
+    client = OpenAI(base_url=f"{url}/v1", api_key="e2e-key", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["smelt-micro-embedded"]
+    for example in report["examples"]:
+        messages = [{"role": "user", "content": example["prompt"]}]
+        whole = client.chat.completions.create(model="smelt-micro-embedded", messages=messages, temperature=0)
+        assert whole.choices[0].message.content == example["output"]  # what evaluation generated offline
+        assert whole.usage.completion_tokens > 0 and whole.usage.total_tokens > whole.usage.completion_tokens
+        stream = client.chat.completions.create(model="smelt-micro-embedded", messages=messages, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == example["output"]
+    text = client.completions.create(model="smelt-micro-embedded", prompt="Bob from Oslo", max_tokens=8)
+    streamed = client.completions.create(model="smelt-micro-embedded", prompt="Bob from Oslo", max_tokens=8, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+    assert 0 < text.usage.completion_tokens <= 8
+
+
+def test_bad_requests_get_4xx_and_the_service_keeps_serving(served):
+    import httpx
+    import openai
+
+    url, _ = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="e2e-key", max_retries=0)
+    ok = {"model": "smelt-micro-embedded", "messages": [{"role": "user", "content": "Bob from Oslo ordered 3 cups."}]}
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).chat.completions.create(**ok)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(**{**ok, "model": "gpt-4"})
+    for bad in ({"max_tokens": 0}, {"max_tokens": 10**6}, {"messages": []}, {"temperature": "hot"},
+                {"messages": [{"role": "user", "content": "word " * 20000}]}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(**{**ok, **bad})
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{oops", headers={"Authorization": "Bearer e2e-key",
+                                                                              "Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert client.chat.completions.create(**ok).choices[0].message.content is not None  # still serving
+    assert httpx.get(f"{url}/livez").status_code == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    for name in ("smelt_generated_tokens_total", "smelt_time_to_first_token_seconds", "smelt_decode_tokens_per_second"):
+        assert name in metrics
+
+
+def test_bounded_load_has_no_server_errors(served):
+    import asyncio
+
+    from flows.loadtest import run_load
+
+    url, _ = served
+    prompts = ["Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups on Monday.", "Ana from Lima"]
+    stats = asyncio.run(run_load(f"{url}/v1", "smelt-micro-embedded", prompts, requests=200, concurrency=16, max_tokens=16,
+                                 api_key="e2e-key", deadline_s=240))
+    print("load test:", stats)
+    assert stats["status"] == {200: 200}
+    assert stats["completion_tokens"] > 0 and stats["p95_s"] >= stats["p50_s"] > 0
+
+
+def test_smelt_package_reuses_the_bento_for_the_same_champion_and_code(first_run):
+    home, out, _ = first_run
+    tag = next(line.split()[1] for line in out.splitlines() if line.strip().startswith("Bento:"))
+    proc = smelt_cli(home, "package", "-c", "micro-cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert tag in proc.stdout
