@@ -24,6 +24,17 @@ class SamplingFields(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="One choice per prompt.")
     stream_options: dict | None = None
+    # Accepted by OpenAI but not served here: refused by name rather than silently ignored.
+    logprobs: bool | int | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+    @field_validator("logprobs", "tools", "response_format")
+    @classmethod
+    def _unsupported(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -117,6 +117,9 @@ BAD = [
     ({"json": {"model": "tiny", "max_tokens": 100000, "messages": [{"role": "user", "content": "hi"}]}}, "above this server's limit"),
     ({"json": {"model": "tiny", "messages": [{"role": "user", "content": "word " * 5000}]}}, "exceeds the model's context"),
     ({"json": {"model": "tiny", "temperature": -1, "messages": [{"role": "user", "content": "hi"}]}}, "temperature"),
+    ({"json": {"model": "tiny", "n": 3, "messages": [{"role": "user", "content": "hi"}]}}, "n:"),
+    ({"json": {"model": "tiny", "logprobs": True, "messages": [{"role": "user", "content": "hi"}]}}, "logprobs is not supported"),
+    ({"json": {"model": "tiny", "stop": ["a", "b", "c", "d", "e"], "messages": [{"role": "user", "content": "hi"}]}}, "stop"),
 ]
 
 
