@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -18,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(width=160)  # wide enough for the summary table in logs and CI, not just terminals
 models_app = typer.Typer(no_args_is_help=True, help="Inspect models in the MLflow registry.")
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(no_args_is_help=True, help="Feed new data to the watched folder; retrains follow through Prefect.")
+app.add_typer(data_app, name="data")
 CONFIG_OPTION = typer.Option("tiny-cpu", "--config", "-c", help="Preset or YAML file whose registry settings (gate, tracking URI) apply.")
 
 
@@ -206,6 +209,76 @@ def serve(
     console.print(f"Serving {tag} on http://{host}:{port} (OpenAI API at http://{host}:{port}/v1)")
     proc = subprocess.run([sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)])
     raise typer.Exit(proc.returncode)
+
+
+def prefect_api_or_exit(home) -> None:
+    """Point Prefect at `smelt up`'s server unless PREFECT_API_URL says otherwise; refuse without one."""
+    if "PREFECT_API_URL" not in os.environ and (api := stack.running_url(home, "prefect")):
+        os.environ["PREFECT_API_URL"] = api
+    if "PREFECT_API_URL" not in os.environ:
+        fail("no Prefect server: run `smelt up` (or set PREFECT_API_URL) first", 2)
+
+
+@app.command()
+def deploy(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides baked into the deployments' default parameters."),
+    config: str = typer.Option("tiny-cpu", "--config", "-c", help="Preset name or YAML file."),
+) -> None:
+    """Create or update the Prefect deployments: pipeline, etl and retrain (retrain runs on new data).
+
+    Schedules come from orchestration.pipeline_cron / etl_cron / retrain_cron (all off by default).
+    They run on the orchestration.work_pool process pool; `smelt up` starts its worker.
+    """
+    home = configure_environment()
+    quiet_library_logs()
+    cfg = load_or_exit(config, overrides or [])
+    prefect_api_or_exit(home)
+    from flows.deploy import deploy_all
+    from tasks.config import watched_folder
+
+    for name in deploy_all(cfg, home):
+        console.print(f"deployed [bold]{name}[/bold]")
+    console.print(f"New data: `uv run smelt data add FILE.jsonl -c {config}` (or drop files into "
+                  f"{watched_folder(cfg.orchestration, home)} while `smelt data watch` runs) starts a retrain.")
+
+
+@data_app.command("add")
+def data_add(
+    paths: list[Path] = typer.Argument(..., help="JSONL files of {prompt, completion} rows."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Copy files into the watched folder and emit `smelt.data.changed` (only if the content changed)."""
+    home = configure_environment()
+    cfg = load_or_exit(config, [])
+    prefect_api_or_exit(home)
+    from flows.watch import add_files, emit_if_changed
+    from tasks.config import watched_folder
+
+    folder = watched_folder(cfg.orchestration, home)
+    try:
+        added = add_files(paths, folder)
+    except FileNotFoundError as err:
+        fail(str(err), 2)
+    payload = emit_if_changed(home, folder)
+    console.print(f"added {len(added)} file(s) to {folder}; " +
+                  (f"emitted smelt.data.changed (data {payload['data_digest']})" if payload else "content unchanged: no retrain"))
+
+
+@data_app.command("watch")
+def data_watch(
+    interval: float = typer.Option(2.0, min=0.1, help="Seconds between looks at the folder."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Watch the data folder; emit `smelt.data.changed` once it changes and settles (Ctrl-C stops)."""
+    home = configure_environment()
+    cfg = load_or_exit(config, [])
+    prefect_api_or_exit(home)
+    from flows.watch import watch
+    from tasks.config import watched_folder
+
+    folder = watched_folder(cfg.orchestration, home)
+    console.print(f"watching {folder} (quiet period {cfg.orchestration.quiet_seconds:g} s)")
+    watch(home, folder, interval, cfg.orchestration.quiet_seconds)
 
 
 def print_summary(result: dict, seconds: float) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.env import smelt_home
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, with_watched_data
 from tasks.etl import etl_task
 from tasks.evaluate import build_candidates_task, evaluate_task
 from tasks.package import package_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task
+from tasks.report import report_data_task, report_results_task
 from tasks.tracking import close_run_task, fail_flow_runs, open_run_task, track_stages_task
 from tasks.train import prepare_models_task, train_draft_task, train_lora_task
 
@@ -24,6 +25,7 @@ def mark_tracking_failed(flow, flow_run, state) -> None:
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     home = str(smelt_home())
     dataset = etl_task(config.etl, home)
+    report_data_task(config.preset, dataset)
     run = open_run_task(config, dataset, home)
     base, draft_init = prepare_models_task(config.model, home, config.train.device)
     finetuned = train_lora_task(base, dataset, config.train, config.model, home)
@@ -34,6 +36,22 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     reports = [evaluate_task(c, dataset, config.eval, home) for c in candidates]
     registry = register_task(config, dataset, reports, run, home)
     bento = package_task(registry["name"], registry["champion"], config.registry, home) if config.package.build_bento else None
+    report_results_task(reports, registry)
     close_run_task(run, config, home, registry, bento)
     return {"dataset": dataset.version, "counts": dataset.counts, "reports": reports, "registry": registry,
             "bento": bento, "mlflow_run_id": run}
+
+
+@flow(name="smelt-etl", flow_run_name="{config.preset}-etl", log_prints=True)
+def etl(config: PipelineConfig = PipelineConfig()) -> dict:
+    """ETL alone: validate, deduplicate and version the data; the data report is the run's artifact."""
+    dataset = etl_task(config.etl, str(smelt_home()))
+    report_data_task(config.preset, dataset)
+    return {"dataset": dataset.version, "counts": dataset.counts}
+
+
+@flow(name="smelt-retrain", flow_run_name="{config.preset}-retrain", log_prints=True)
+def retrain(config: PipelineConfig = PipelineConfig(), data_digest: str | None = None) -> dict:
+    """The pipeline on the configured data plus the watched folder; promotes only through the gate.
+    `data_digest` records which state of the watched folder triggered the run."""
+    return pipeline(with_watched_data(config, smelt_home()))

@@ -26,9 +26,10 @@ from rich.table import Table
 
 from flows.env import configure_environment
 
-Service = Literal["mlflow", "prefect"]
-SERVICES: tuple[Service, ...] = get_args(Service)
-DEFAULT_PORTS: dict[str, int] = {"mlflow": 5000, "prefect": 4200}
+Service = Literal["mlflow", "prefect", "worker"]
+SERVICES: tuple[Service, ...] = get_args(Service)  # start order; `down` stops in reverse
+DEFAULT_PORTS: dict[str, int] = {"mlflow": 5000, "prefect": 4200, "worker": 4280}
+WORK_POOL = os.environ.get("SMELT_WORK_POOL", "smelt-local")
 HOST = "127.0.0.1"  # for people on this machine; exposing a server is a deployment decision (see infra/)
 
 
@@ -46,6 +47,7 @@ class ServiceSpec:
     health_path: str
     api_path: str  # appended to the base URL: what clients point at
     client_env: str  # the variable that points a run at this server
+    extra_env: Callable[[Path, int], dict[str, str]] = lambda home, port: {}
 
 
 @dataclass
@@ -88,9 +90,23 @@ def prefect_command(home: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
 
 
+def worker_command(home: Path, port: int) -> list[str]:
+    # --type process creates the pool with the process worker's default job template if it is missing.
+    return [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type", "process", "--with-healthcheck"]
+
+
+def worker_env(home: Path, port: int) -> dict[str, str]:
+    """The worker talks to the Prefect server smelt started and serves its health check on `port`."""
+    server = current_state(home, "prefect")
+    if server is None:
+        raise ServiceError("the worker needs the Prefect server: start it with `smelt up` (without --only worker)")
+    return {"PREFECT_API_URL": server.api_url, "PREFECT_WORKER_WEBSERVER_HOST": HOST, "PREFECT_WORKER_WEBSERVER_PORT": str(port)}
+
+
 SPECS: dict[str, ServiceSpec] = {
     "mlflow": ServiceSpec(mlflow_command, "/health", "", "MLFLOW_TRACKING_URI"),
     "prefect": ServiceSpec(prefect_command, "/api/health", "/api", "PREFECT_API_URL"),
+    "worker": ServiceSpec(worker_command, "/health", "", "SMELT_WORK_POOL", worker_env),
 }
 
 # Servers this process started. poll() reaps one that died, which would otherwise linger as a zombie
@@ -244,7 +260,7 @@ def _spawn(home: Path, service: str, port: int) -> ServiceState:
         out.flush()
         # start_new_session: own process group (stopped as one) and no SIGINT from this terminal's Ctrl-C
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=service_env(home), cwd=home, start_new_session=True)
+                                env={**service_env(home), **SPECS[service].extra_env(home, port)}, cwd=home, start_new_session=True)
     _CHILDREN[proc.pid] = proc
     base = f"http://{HOST}:{port}"
     return ServiceState(service, proc.pid, port, base, base + SPECS[service].api_path, cmd, str(log), _now())
@@ -300,6 +316,13 @@ def _spawn_recorded(home: Path, service: str, port: int) -> ServiceState:
 
 def start_services(home: Path, which: tuple[str, ...] | list[str] = SERVICES, ports: dict[str, int] | None = None,
                    timeout: float = 120.0) -> list[ServiceState]:
+    """Start the servers first, then the worker (it connects to the Prefect server at start)."""
+    servers = [s for s in which if s != "worker"]
+    states = start_together(home, servers, ports, timeout) if servers else []
+    return states + (start_together(home, ["worker"], ports, timeout) if "worker" in which else [])
+
+
+def start_together(home: Path, which: list[str], ports: dict[str, int] | None = None, timeout: float = 120.0) -> list[ServiceState]:
     """Start the servers in `which` in the background and wait until their health checks answer.
 
     A server smelt already started is reused (`already_running`), never started twice. New servers start
@@ -337,7 +360,7 @@ def stop_service(home: Path, service: str, grace: float = 15.0) -> ServiceState 
 
 def stop_services(home: Path, which: tuple[str, ...] | list[str] = SERVICES, grace: float = 15.0) -> list[str]:
     """Stop the servers in `which` that smelt started; returns the names of those it stopped."""
-    return [s for s in which if stop_service(home, s, grace) is not None]
+    return [s for s in reversed(which) if stop_service(home, s, grace) is not None][::-1]
 
 
 def service_status(home: Path) -> list[ServiceStatus]:
@@ -361,7 +384,7 @@ def running_url(home: Path, service: str) -> str | None:
 
 console = Console()
 err_console = Console(stderr=True)
-OnlyOption = typer.Option(None, "--only", help="Act on this server only; default: both.")
+OnlyOption = typer.Option(None, "--only", help="Act on this one only; default: MLflow, Prefect and the Prefect worker.")
 
 
 def _selected(only: Optional[Service]) -> tuple[str, ...]:
@@ -372,17 +395,19 @@ def up(
     only: Optional[Service] = OnlyOption,
     mlflow_port: int = typer.Option(DEFAULT_PORTS["mlflow"], min=1, max=65535, help="Port of the MLflow UI and API."),
     prefect_port: int = typer.Option(DEFAULT_PORTS["prefect"], min=1, max=65535, help="Port of the Prefect UI and API."),
+    worker_port: int = typer.Option(DEFAULT_PORTS["worker"], min=1, max=65535, help="Port of the Prefect worker's health check."),
     timeout: float = typer.Option(120.0, min=1, help="Seconds to wait for the servers' health checks."),
 ) -> None:
-    """Start local MLflow and Prefect servers on 127.0.0.1 in the background, all state under SMELT_HOME.
+    """Start local MLflow and Prefect servers and a Prefect worker on 127.0.0.1 in the background, state under SMELT_HOME.
 
     MLflow serves its UI and model registry from SMELT_HOME/mlflow.db and SMELT_HOME/mlartifacts.
 
-    Prefect serves its UI and API from SMELT_HOME/prefect. Logs go to SMELT_HOME/logs/<server>.log.
+    Prefect serves its UI and API from SMELT_HOME/prefect. The worker runs `smelt deploy`'s deployments
+    from the local process pool ($SMELT_WORK_POOL, default smelt-local). Logs go to SMELT_HOME/logs/<server>.log.
 
     A server smelt already started is reported, not started twice. `smelt down` stops them.
     """
-    home, asked = configure_environment(), {"mlflow": mlflow_port, "prefect": prefect_port}
+    home, asked = configure_environment(), {"mlflow": mlflow_port, "prefect": prefect_port, "worker": worker_port}
     try:
         states = start_services(home, _selected(only), asked, timeout)
     except ServiceError as err:
@@ -400,7 +425,7 @@ def print_started(home: Path, states: list[ServiceState]) -> None:
     console.print(table)
     console.print(f"Logs: {log_path(home, '<server>')}", soft_wrap=True, highlight=False)
     console.print("Point runs at these servers:")
-    for s in states:  # soft_wrap: a command to copy must never be wrapped or cut
+    for s in (s for s in states if s.service != "worker"):  # soft_wrap: a command to copy must never be wrapped or cut
         console.print(f"  export {SPECS[s.service].client_env}={s.api_url}", soft_wrap=True, highlight=False)
 
 

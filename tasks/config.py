@@ -21,7 +21,7 @@ DEFAULT_PRESET = "tiny-cpu"
 class EtlConfig(StrictModel):
     sources: list[str] = Field(
         default_factory=lambda: ["data/orders.jsonl"],
-        description="JSONL files of {prompt, completion} rows; relative paths resolve from the repo root.",
+        description="JSONL files of {prompt, completion} rows, or folders of them; relative paths resolve from the repo root.",
     )
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation, chosen by content hash.")
     max_prompt_chars: int = Field(2000, ge=1, description="Rows with a longer prompt are quarantined.")
@@ -57,6 +57,19 @@ class PackageConfig(StrictModel):
     build_bento: bool = Field(True, description="Run `bentoml build` for the champion at the end.")
 
 
+class OrchestrationConfig(StrictModel):
+    """Prefect deployments, schedules and retraining on new data (`smelt deploy`, `smelt data`)."""
+
+    work_pool: str = Field("smelt-local", description="Prefect work pool the deployments run on (a local process pool by default).")
+    watch_dir: str = Field("incoming", description="Watched data folder; new JSONL files there trigger a retrain. "
+                                                   "Relative paths resolve from SMELT_HOME.")
+    pipeline_cron: str | None = Field(None, description="Cron schedule of the full pipeline; off by default.")
+    etl_cron: str | None = Field(None, description="Cron schedule of ETL alone; off by default.")
+    retrain_cron: str | None = Field(None, description="Cron schedule of the retrain flow (it also runs on new data).")
+    quiet_seconds: float = Field(10.0, ge=0, description="The watcher waits until the folder has not changed for this "
+                                                         "long, so a burst of files triggers one retrain.")
+
+
 class PipelineConfig(StrictModel):
     """Everything one pipeline run needs; the Prefect UI renders it as a form."""
 
@@ -69,10 +82,23 @@ class PipelineConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     package: PackageConfig = Field(default_factory=PackageConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @property
     def registered_name(self) -> str:
         return self.registry.model_name or f"smelt-{self.model.name}"
+
+
+def watched_folder(cfg: OrchestrationConfig, home: Path) -> Path:
+    p = Path(cfg.watch_dir)
+    return p if p.is_absolute() else Path(home) / p
+
+
+def with_watched_data(cfg: PipelineConfig, home: Path) -> PipelineConfig:
+    """The config a retrain runs: the configured sources plus everything in the watched folder."""
+    folder = watched_folder(cfg.orchestration, home)
+    folder.mkdir(parents=True, exist_ok=True)
+    return cfg.model_copy(update={"etl": cfg.etl.model_copy(update={"sources": [*cfg.etl.sources, str(folder)]})})
 
 
 class ConfigError(ValueError):

@@ -40,6 +40,19 @@ def resolve_source(source: str) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+def expand_sources(sources: list[str]) -> list[Path]:
+    """Files to read: a folder stands for the JSONL files in it (hidden ones, e.g. half-copied temp
+    files, are skipped), in sorted order so the dataset version does not depend on listing order."""
+    out = []
+    for source in sources:
+        p = resolve_source(source)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*.jsonl") if q.is_file() and not q.name.startswith(".")))
+        else:
+            out.append(p)
+    return out
+
+
 def normalise(text: str) -> str:
     return unicodedata.normalize("NFC", text).strip()
 
@@ -93,7 +106,7 @@ def split_of(row: dict, eval_fraction: float) -> str:
 
 def build_dataset(cfg: EtlConfig, home: Path) -> DatasetVersion:
     """Validate, deduplicate and split the sources into a content-addressed dataset version."""
-    paths = [resolve_source(s) for s in cfg.sources]
+    paths = expand_sources(cfg.sources)
     for p in paths:
         if not p.exists():
             raise DataError(f"input file {p} does not exist")

@@ -112,7 +112,7 @@ def find_bento(model_tag: str) -> str | None:
     return str(max(hits, key=lambda b: b.info.creation_time).tag) if hits else None
 
 
-@task(name="package", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="package", retries=2, retry_delay_seconds=[5, 30], cache_policy=STAGE_CACHE, persist_result=True)
 def package_task(registered: str, champion_version: str | None, registry: RegistryConfig, home: str) -> dict:
     # champion_version is part of the cache key: a new champion means a new Bento.
     return package_champion(registered, registry, Path(home))

@@ -149,7 +149,7 @@ def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: l
             "gate_numbers": result.numbers, "champion": result.champion}
 
 
-@task(name="register", cache_policy=STAGE_CACHE, persist_result=True)
+@task(name="register", retries=2, retry_delay_seconds=[5, 30], cache_policy=STAGE_CACHE, persist_result=True)
 def register_task(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], run_id: str, home: str) -> dict:
     # run_id is in the cache key, so each pipeline run registers (reusing versions) under its own run.
     return register_candidates(cfg, dataset, reports, run_id, Path(home))

@@ -156,17 +156,17 @@ def fail_flow_runs(cfg: PipelineConfig, home: Path, flow_run_id: str) -> int:
 
 
 # Not cached: every pipeline run gets its own parent run, even when all stages are reused.
-@task(name="open-tracking-run", cache_policy=NO_CACHE)
+@task(name="open-tracking-run", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
 def open_run_task(cfg: PipelineConfig, dataset: DatasetVersion, home: str) -> str:
     return open_pipeline_run(cfg, dataset, Path(home))
 
 
-@task(name="track-stages", cache_policy=NO_CACHE)
+@task(name="track-stages", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
 def track_stages_task(run_id: str, cfg: PipelineConfig, home: str, dataset: DatasetVersion,
                       finetuned: Path, draft: Path | None, quantized: dict[str, Path]) -> None:
     log_stages(run_id, cfg, Path(home), dataset, finetuned, draft, quantized)
 
 
-@task(name="close-tracking-run", cache_policy=NO_CACHE)
+@task(name="close-tracking-run", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
 def close_run_task(run_id: str, cfg: PipelineConfig, home: str, registry: dict, bento: dict | None) -> None:
     finish_pipeline_run(run_id, cfg, Path(home), registry, bento)
