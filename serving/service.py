@@ -45,7 +45,8 @@ class GenerateResponse(BaseModel):
     seconds: float
 
 
-@bentoml.service(name="smelt", traffic={"timeout": 300}, http={"host": "127.0.0.1"})
+# 127.0.0.1 unless told otherwise: SMELT_HOST=0.0.0.0 in a container, or `bentoml serve --host`.
+@bentoml.service(name="smelt", traffic={"timeout": 300}, http={"host": os.environ.get("SMELT_HOST", "127.0.0.1")})
 @bentoml.asgi_app(openai_app, path="/v1")
 class SmeltService:
     model_ref = bentoml.models.BentoModel(model_tag())

@@ -1,0 +1,112 @@
+"""No Docker daemon or cluster here: the compose file and Kubernetes manifests are checked by parsing
+them and cross-checking that services, ports, credentials and variables line up."""
+import json
+import re
+from urllib.parse import urlparse
+
+import yaml
+
+from flows.stack import WORK_POOL
+from serving.config import ServeConfig
+from tasks.config import REPO_ROOT
+
+INFRA = REPO_ROOT / "infra"
+
+
+def compose() -> dict:
+    return yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+
+
+def resolve(value: str) -> str:
+    """Expand ${VAR:-default} the way compose does with VAR unset."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", r"\2", value)
+
+
+def env_of(service: dict) -> dict:
+    return {k: resolve(str(v)) for k, v in (service.get("environment") or {}).items()}
+
+
+def test_compose_has_the_whole_stack_on_localhost_ports():
+    services = compose()["services"]
+    assert {"postgres", "minio", "minio-bucket", "prefect-server", "mlflow", "worker", "bento"} <= set(services)
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
+        build = svc.get("build")
+        if build:
+            assert (INFRA / build["context"] / build["dockerfile"]).is_file(), name
+    declared = set(compose()["volumes"])
+    for svc in services.values():
+        for volume in svc.get("volumes", []):
+            src = volume.split(":")[0]
+            assert src.startswith(".") or src in declared, volume
+
+
+def test_databases_and_credentials_line_up():
+    services = compose()["services"]
+    pg = env_of(services["postgres"])
+    prefect_db = urlparse(env_of(services["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"].replace("+asyncpg", ""))
+    mlflow_cmd = resolve(services["mlflow"]["command"])
+    mlflow_db = urlparse(re.search(r"--backend-store-uri (\S+)", mlflow_cmd).group(1))
+    for url in (prefect_db, mlflow_db):
+        assert (url.hostname, url.port, url.username, url.password) == ("postgres", 5432, pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"])
+    assert prefect_db.path == f"/{pg['POSTGRES_DB']}"
+    assert f"CREATE DATABASE {mlflow_db.path.lstrip('/')};" in (INFRA / "docker" / "postgres-init.sql").read_text()
+
+
+def test_mlflow_artifacts_go_to_the_minio_bucket_that_is_created():
+    services = compose()["services"]
+    minio, mlflow = env_of(services["minio"]), env_of(services["mlflow"])
+    assert urlparse(mlflow["MLFLOW_S3_ENDPOINT_URL"]).hostname == "minio"
+    assert (mlflow["AWS_ACCESS_KEY_ID"], mlflow["AWS_SECRET_ACCESS_KEY"]) == (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"])
+    bucket = re.search(r"--artifacts-destination s3://([\w-]+)/", services["mlflow"]["command"]).group(1)
+    assert f"smelt/{bucket}" in resolve(" ".join(services["minio-bucket"]["command"]))
+
+
+def test_worker_and_clients_point_at_the_servers_compose_runs():
+    spec = compose()
+    services = spec["services"]
+    worker_env = {**{k: resolve(str(v)) for k, v in spec["x-smelt-env"].items()}, **env_of(services["worker"])}
+    api = urlparse(worker_env["PREFECT_API_URL"])
+    assert api.hostname == "prefect-server" and f"--port {api.port}" in services["prefect-server"]["command"]
+    tracking = urlparse(worker_env["MLFLOW_TRACKING_URI"])
+    assert tracking.hostname == "mlflow" and f"--port {tracking.port}" in services["mlflow"]["command"]
+    assert f"--pool {worker_env['SMELT_WORK_POOL']}" in services["worker"]["command"] and worker_env["SMELT_WORK_POOL"] == WORK_POOL
+    for key in env_of(services["bento"]):
+        assert key.removeprefix("SMELT_").lower() in ServeConfig.model_fields or key == "SMELT_HOST", key
+
+
+def manifests() -> dict[str, list[dict]]:
+    return {p.name: list(yaml.safe_load_all(p.read_text())) for p in sorted((INFRA / "k8s").glob("*.yaml"))}
+
+
+def test_kubernetes_worker_has_the_rights_to_run_jobs():
+    docs = {(d["kind"], d["metadata"]["name"]): d for docs in manifests().values() for d in docs}
+    deployment = docs[("Deployment", "smelt-worker")]
+    pod = deployment["spec"]["template"]["spec"]
+    assert ("ServiceAccount", pod["serviceAccountName"]) in docs
+    role = docs[("Role", "smelt-worker")]
+    assert any("jobs" in r["resources"] and "create" in r["verbs"] for r in role["rules"])
+    binding = docs[("RoleBinding", "smelt-worker")]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    assert {d["metadata"].get("namespace") for d in docs.values() if d["kind"] != "Namespace"} == {"smelt"}
+    assert ("Namespace", "smelt") in docs
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--type") + 1] == "kubernetes"
+
+
+def test_kubernetes_bento_probes_and_settings_match_the_service():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in manifests()["bento.yaml"]}
+    container = docs[("Deployment", "smelt-bento")]["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" and container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    for env in container["env"]:
+        assert env["name"].removeprefix("SMELT_").lower() in ServeConfig.model_fields or env["name"] == "SMELT_HOST"
+    service = docs[("Service", "smelt-bento")]
+    assert service["spec"]["selector"] == docs[("Deployment", "smelt-bento")]["spec"]["selector"]["matchLabels"]
+
+
+def test_work_pool_template_declares_every_variable_it_uses():
+    template = json.loads((INFRA / "k8s" / "work-pool-template.json").read_text())
+    used = set(re.findall(r"\{\{ (\w+) \}\}", json.dumps(template["job_configuration"])))
+    assert used <= set(template["variables"]["properties"]), used - set(template["variables"]["properties"])
+    assert template["job_configuration"]["job_manifest"]["kind"] == "Job"
