@@ -77,7 +77,8 @@ class ServiceStatus:
 def mlflow_command(home: Path, port: int) -> list[str]:
     return [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        # SMELT_MLFLOW_BACKEND_STORE_URI points it at PostgreSQL (as in production); SQLite under SMELT_HOME otherwise
+        "--backend-store-uri", os.environ.get("SMELT_MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{home / 'mlflow.db'}",
         # new experiments get mlflow-artifacts:/ URIs, proxied to this directory (the pipeline's own
         # experiments keep their file: locations under the same directory)
         "--artifacts-destination", str(home / "mlartifacts"),
@@ -105,7 +106,9 @@ def worker_env(home: Path, port: int) -> dict[str, str]:
 
 SPECS: dict[str, ServiceSpec] = {
     "mlflow": ServiceSpec(mlflow_command, "/health", "", "MLFLOW_TRACKING_URI"),
-    "prefect": ServiceSpec(prefect_command, "/api/health", "/api", "PREFECT_API_URL"),
+    # The UI calls the API at PREFECT_UI_API_URL, which otherwise assumes port 4200 whatever --port says.
+    "prefect": ServiceSpec(prefect_command, "/api/health", "/api", "PREFECT_API_URL",
+                           lambda home, port: {"PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"}),
     "worker": ServiceSpec(worker_command, "/health", "", "SMELT_WORK_POOL", worker_env),
 }
 

@@ -114,3 +114,30 @@ print(json.dumps(watch(Path({str(home)!r}), folder, interval_s=0.2, quiet_s=1.5,
     assert proc.returncode == 0, proc.stderr[-3000:]
     emitted = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(emitted) == 1 and {"burst-0.jsonl", "burst-1.jsonl", "burst-2.jsonl"} <= set(emitted[0]["files"])
+
+
+def test_the_uis_show_the_deployments_and_the_champion(stack, tmp_path):
+    """Debian's chromium, headless through Playwright: what a person sees after a retrain."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    home, states = stack
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is not installed: `apt-get install chromium` (.ci/run does this)"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])  # no sandbox: CI runs as root
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{states['prefect'].url}/deployments", wait_until="networkidle")
+            for name in ("pipeline", "etl", "retrain"):
+                page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(tmp_path / "prefect-deployments.png"), full_page=True)
+            page.goto(f"{states['mlflow'].url}/#/models/smelt-micro-embedded")  # MLflow's UI polls: never network-idle
+            # the alias chip ("@ champion") on the version's row, not the champion-history tag's name
+            page.locator("text=/^@\\s*champion$/").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(tmp_path / "mlflow-model.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "prefect-deployments.png").stat().st_size > 10_000
+    assert (tmp_path / "mlflow-model.png").stat().st_size > 10_000

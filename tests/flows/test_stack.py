@@ -172,7 +172,7 @@ def test_commands_report_and_explain(home, monkeypatch):
     runner = CliRunner()
     assert "--prefect-port" in runner.invoke(app, ["up", "--help"]).output
     result = runner.invoke(app, ["status"])
-    assert result.exit_code == 0 and result.output.count("stopped") == 2
+    assert result.exit_code == 0 and result.output.count("stopped") == 3  # mlflow, prefect, worker
     assert "no smelt server was running" in runner.invoke(app, ["down"]).output
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))

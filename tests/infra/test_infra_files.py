@@ -45,9 +45,11 @@ def test_compose_has_the_whole_stack_on_localhost_ports():
 def test_databases_and_credentials_line_up():
     services = compose()["services"]
     pg = env_of(services["postgres"])
-    prefect_db = urlparse(env_of(services["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"].replace("+asyncpg", ""))
+    prefect_db = urlparse(env_of(services["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"])
     mlflow_cmd = resolve(services["mlflow"]["command"])
     mlflow_db = urlparse(re.search(r"--backend-store-uri (\S+)", mlflow_cmd).group(1))
+    # the drivers each server's image has: asyncpg ships with Prefect, psycopg2 is installed for MLflow
+    assert (prefect_db.scheme, mlflow_db.scheme) == ("postgresql+asyncpg", "postgresql+psycopg2")
     for url in (prefect_db, mlflow_db):
         assert (url.hostname, url.port, url.username, url.password) == ("postgres", 5432, pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"])
     assert prefect_db.path == f"/{pg['POSTGRES_DB']}"
