@@ -277,8 +277,9 @@ def data_watch(
     from tasks.config import watched_folder
 
     folder = watched_folder(cfg.orchestration, home)
-    console.print(f"watching {folder} (quiet period {cfg.orchestration.quiet_seconds:g} s)")
-    watch(home, folder, interval, cfg.orchestration.quiet_seconds)
+    uri = cfg.orchestration.watch_uri
+    console.print(f"watching {uri + ' -> ' if uri else ''}{folder} (quiet period {cfg.orchestration.quiet_seconds:g} s)")
+    watch(home, folder, interval, cfg.orchestration.quiet_seconds, source_uri=uri)
 
 
 def print_summary(result: dict, seconds: float) -> None:

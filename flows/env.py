@@ -26,6 +26,8 @@ def configure_environment(home: Path | None = None) -> Path:
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
         "BENTOML_HOME": str(home / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",  # offline, and nobody asked to be counted
+        "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
     for key, value in defaults.items():

@@ -165,6 +165,8 @@ def service_env(home: Path) -> dict[str, str]:
         "SMELT_HOME": str(home),
         "PREFECT_HOME": str(home / "prefect"),  # holds the server's SQLite database
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline: avoids a telemetry error at start
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
         "PREFECT_CLI_PROMPT": "false",  # no terminal behind a detached server
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
         # MLflow 3.17 otherwise starts a job runner and 7 huey consumers (8 more Python processes on

@@ -5,12 +5,13 @@ content changes; the retrain deployment's event trigger turns that into a run.
   last digest emitted, kept in SMELT_HOME/watch/.
 - A burst of files emits once: the watcher waits until the folder has been quiet for a while.
 - `smelt data add` copies files in atomically (hidden temp name, then rename) and emits at once.
+- The watched location may be an fsspec URI (s3://, gs://, file://...): its JSONL files are mirrored
+  into the local folder first (only those whose fsspec key changed), and ETL reads the mirror.
 """
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -61,6 +62,36 @@ def emit_if_changed(home: Path, folder: Path) -> dict | None:
     return payload
 
 
+def write_atomically(dst: Path, data: bytes) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp"  # hidden: ETL and the watcher skip it
+    tmp.write_bytes(data)
+    os.replace(tmp, dst)
+
+
+def mirror(uri: str, folder: Path, home: Path) -> list[Path]:
+    """Copy the JSONL files under an fsspec URI into `folder`; only those whose key (ETag, mtime...) changed."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    keys_file = Path(home) / "watch" / f"mirror-{digest(uri)}.json"
+    keys = read_json(keys_file) if keys_file.exists() else {}
+    changed = []
+    for remote in sorted(fs.find(root)):
+        rel = remote[len(root):].lstrip("/")
+        if not rel.endswith(".jsonl") or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        key = fs.ukey(remote)
+        if keys.get(rel) == key and (folder / rel).exists():
+            continue
+        write_atomically(folder / rel, fs.cat_file(remote))
+        keys[rel] = key
+        changed.append(folder / rel)
+    keys_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(keys_file, keys)
+    return changed
+
+
 def add_files(paths: list[Path], folder: Path) -> list[Path]:
     """Copy files into the watched folder; each appears complete or not at all."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,18 +99,19 @@ def add_files(paths: list[Path], folder: Path) -> list[Path]:
     for src in paths:
         if not src.is_file():
             raise FileNotFoundError(f"{src} is not a file")
-        dst = folder / src.name
-        tmp = folder / f".{src.name}.{uuid.uuid4().hex[:8]}.tmp"  # hidden: ETL and the watcher skip it
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        added.append(dst)
+        write_atomically(folder / src.name, src.read_bytes())
+        added.append(folder / src.name)
     return added
 
 
-def watch(home: Path, folder: Path, interval_s: float, quiet_s: float, max_polls: int | None = None) -> list[dict]:
-    """Poll `folder`; once its content has changed and then stayed the same for `quiet_s`, emit once."""
+def watch(home: Path, folder: Path, interval_s: float, quiet_s: float, max_polls: int | None = None,
+          source_uri: str | None = None) -> list[dict]:
+    """Poll `folder` (mirroring `source_uri` into it first, if given); once its content has changed and
+    then stayed the same for `quiet_s`, emit once."""
     emitted, seen, since, polls = [], None, time.monotonic(), 0
     while max_polls is None or polls < max_polls:
+        if source_uri:
+            mirror(source_uri, folder, home)
         current, _ = folder_digest(folder)
         if current != seen:
             seen, since = current, time.monotonic()  # still changing: restart the quiet period

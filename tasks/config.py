@@ -63,6 +63,8 @@ class OrchestrationConfig(StrictModel):
     work_pool: str = Field("smelt-local", description="Prefect work pool the deployments run on (a local process pool by default).")
     watch_dir: str = Field("incoming", description="Watched data folder; new JSONL files there trigger a retrain. "
                                                    "Relative paths resolve from SMELT_HOME.")
+    watch_uri: str | None = Field(None, description="An fsspec URI (s3://bucket/prefix, gs://..., file://...) whose JSONL "
+                                                     "files `smelt data watch` mirrors into watch_dir; None: watch watch_dir itself.")
     pipeline_cron: str | None = Field(None, description="Cron schedule of the full pipeline; off by default.")
     etl_cron: str | None = Field(None, description="Cron schedule of ETL alone; off by default.")
     retrain_cron: str | None = Field(None, description="Cron schedule of the retrain flow (it also runs on new data).")
