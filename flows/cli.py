@@ -43,8 +43,7 @@ def run(
     home = configure_environment()
     quiet_library_logs()
     cfg = load_or_exit(config, overrides or [])  # refuse a bad config before any work starts
-    if "PREFECT_API_URL" not in os.environ and (api := stack.running_url(home, "prefect")):
-        os.environ["PREFECT_API_URL"] = api  # `smelt up` is running: report the run to its UI
+    use_running_prefect(home)  # `smelt up` is running: report the run to its UI
     from flows.pipeline import pipeline
 
     console.print(f"smelt: preset [bold]{cfg.preset}[/bold], home {home}")
@@ -75,14 +74,31 @@ def show_config(
     console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+def use_running_prefect(home) -> bool:
+    """Point Prefect at the server `smelt up` started unless PREFECT_API_URL already says where; True if set."""
+    if "PREFECT_API_URL" not in os.environ and (api := stack.running_url(home, "prefect")):
+        os.environ["PREFECT_API_URL"] = api
+    return "PREFECT_API_URL" in os.environ
+
+
 def registry_client(config: str):
-    """(client, registry config, home) for registry commands; bad config exits 2."""
+    """(client, pipeline config, home) for registry commands; bad config exits 2."""
     home = configure_environment()
     quiet_library_logs()
     cfg = load_or_exit(config, [])
     from tasks.tracking import use_tracking
 
-    return use_tracking(cfg.registry, home), cfg.registry, home
+    return use_tracking(cfg.registry, home), cfg, home
+
+
+def champion_name(client, name: Optional[str], cfg) -> str:
+    """NAME, or the preset's registered name; exits 2 when it has no champion to package or serve."""
+    from tasks.promote import current_champion
+
+    name = name or cfg.registered_name
+    if current_champion(client, name) is None:
+        fail(f"{name!r} has no champion yet: run `smelt run` or `smelt promote {name} VERSION` first", 2)
+    return name
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -133,12 +149,12 @@ def promote(
     config: str = CONFIG_OPTION,
 ) -> None:
     """Make VERSION the champion if it passes the accuracy-and-speed gate against the current champion."""
-    client, registry, home = registry_client(config)
+    client, cfg, home = registry_client(config)
     from tasks.promote import RegistryError
     from tasks.promote import promote as promote_version
 
     try:
-        result = promote_version(client, name, version, registry, home, force=force, reason=reason)
+        result = promote_version(client, name, version, cfg.registry, home, force=force, reason=reason)
     except RegistryError as err:
         fail(str(err), 2)
     if not result.promoted:
@@ -171,14 +187,11 @@ def package(
     config: str = CONFIG_OPTION,
 ) -> None:
     """Import models:/NAME@champion into BentoML's model store and build its Bento (serving/ + models/)."""
-    client, registry, home = registry_client(config)
+    client, cfg, home = registry_client(config)
     from tasks.package import package_champion
-    from tasks.promote import current_champion
 
-    name = name or load_or_exit(config, []).registered_name
-    if current_champion(client, name) is None:
-        fail(f"{name!r} has no champion yet: run `smelt run` or `smelt promote {name} VERSION` first", 2)
-    result = package_champion(name, registry, home)
+    name = champion_name(client, name, cfg)
+    result = package_champion(name, cfg.registry, home)
     console.print(f"Bento [bold]{result['bento_tag']}[/bold] (model {result['model_tag']}).\n"
                   f"  Serve it:   uv run smelt serve {name}\n"
                   f"  Container:  BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {result['bento_tag']}  (needs Docker)")
@@ -198,25 +211,29 @@ def serve(
     """
     import subprocess
 
-    client, registry, home = registry_client(config)
+    client, cfg, home = registry_client(config)
     from tasks.package import package_champion
-    from tasks.promote import current_champion
 
-    name = name or load_or_exit(config, []).registered_name
-    if current_champion(client, name) is None:
-        fail(f"{name!r} has no champion yet: run `smelt run` first", 2)
-    tag = package_champion(name, registry, home)["bento_tag"]
+    name = champion_name(client, name, cfg)
+    tag = package_champion(name, cfg.registry, home)["bento_tag"]
     console.print(f"Serving {tag} on http://{host}:{port} (OpenAI API at http://{host}:{port}/v1)")
     proc = subprocess.run([sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)])
     raise typer.Exit(proc.returncode)
 
 
 def prefect_api_or_exit(home) -> None:
-    """Point Prefect at `smelt up`'s server unless PREFECT_API_URL says otherwise; refuse without one."""
-    if "PREFECT_API_URL" not in os.environ and (api := stack.running_url(home, "prefect")):
-        os.environ["PREFECT_API_URL"] = api
-    if "PREFECT_API_URL" not in os.environ:
+    if not use_running_prefect(home):
         fail("no Prefect server: run `smelt up` (or set PREFECT_API_URL) first", 2)
+
+
+def watched_setup(config: str):
+    """(home, config, watched folder) for the `data` commands, which need a Prefect server for their events."""
+    home = configure_environment()
+    cfg = load_or_exit(config, [])
+    prefect_api_or_exit(home)
+    from tasks.config import watched_folder
+
+    return home, cfg, watched_folder(cfg.orchestration, home)
 
 
 @app.command()
@@ -248,13 +265,9 @@ def data_add(
     config: str = CONFIG_OPTION,
 ) -> None:
     """Copy files into the watched folder and emit `smelt.data.changed` (only if the content changed)."""
-    home = configure_environment()
-    cfg = load_or_exit(config, [])
-    prefect_api_or_exit(home)
+    home, _, folder = watched_setup(config)
     from flows.watch import add_files, emit_if_changed
-    from tasks.config import watched_folder
 
-    folder = watched_folder(cfg.orchestration, home)
     try:
         added = add_files(paths, folder)
     except FileNotFoundError as err:
@@ -270,13 +283,9 @@ def data_watch(
     config: str = CONFIG_OPTION,
 ) -> None:
     """Watch the data folder; emit `smelt.data.changed` once it changes and settles (Ctrl-C stops)."""
-    home = configure_environment()
-    cfg = load_or_exit(config, [])
-    prefect_api_or_exit(home)
+    home, cfg, folder = watched_setup(config)
     from flows.watch import watch
-    from tasks.config import watched_folder
 
-    folder = watched_folder(cfg.orchestration, home)
     uri = cfg.orchestration.watch_uri
     console.print(f"watching {uri + ' -> ' if uri else ''}{folder} (quiet period {cfg.orchestration.quiet_seconds:g} s)")
     watch(home, folder, interval, cfg.orchestration.quiet_seconds, source_uri=uri)

@@ -46,11 +46,10 @@ class SamplingParams:
 class FirstTokenTimer:
     """A transformers streamer that only notes when the first new token arrives (time to first token)."""
 
-    def __init__(self, on_text=None):
+    def __init__(self):
         self.t0 = time.perf_counter()
         self.first: float | None = None
         self.calls = 0
-        self.on_text = on_text
 
     def put(self, value) -> None:
         self.calls += 1
@@ -81,10 +80,8 @@ def strategy_kwargs(strategy: str, draft, num_draft_tokens: int, prompt_lookup_t
 
 
 @torch.inference_mode()
-def generate_text(model, tokenizer, prompt_text: str, max_new_tokens: int | SamplingParams, extra: dict,
-                  streamer=None) -> Generation:
+def generate_text(model, tokenizer, prompt_text: str, params: SamplingParams, extra: dict, streamer=None) -> Generation:
     """Decode a rendered prompt (greedy unless `params` say otherwise); the completion without the prompt."""
-    params = max_new_tokens if isinstance(max_new_tokens, SamplingParams) else SamplingParams(max_new_tokens)
     enc = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False).to(model.device)
     if params.seed is not None:
         torch.manual_seed(params.seed)  # callers serialise generation, so the global generator is theirs
@@ -112,8 +109,8 @@ def generate_batch(model, tokenizer, prompt_texts: list[str], params: list[Sampl
     Runs to the longest max_new_tokens asked for and cuts each row to its own: under greedy
     decoding a row's first n tokens do not depend on how many come after.
     """
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    # left padding for this call only: the tokenizer is shared with single-request decoding
+    enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
     t0 = time.perf_counter()
     out = model.generate(**enc, max_new_tokens=max(p.max_new_tokens for p in params), do_sample=False,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

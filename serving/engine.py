@@ -21,6 +21,8 @@ from models.candidate import Candidate
 from models.decoding import Generation, SamplingParams, draft_agreement
 from serving.config import ServeConfig
 
+ACCEPTANCE_EVERY = 8
+
 
 class Busy(RuntimeError):
     """Too many requests are outstanding; try again after `retry_after` seconds."""
@@ -59,6 +61,7 @@ class Engine:
         self.jobs: deque[Job] = deque()
         self.wake = threading.Condition()
         self.outstanding = 0
+        self.greedy_draft_requests = 0
         threading.Thread(target=self.serve_forever, name="smelt-engine", daemon=True).start()
 
     def prompt_tokens(self, prompt_text: str) -> int:
@@ -115,18 +118,22 @@ class Engine:
                     job.stream.end()
                 job.future.set_exception(err)
             return
-        for job, gen in zip(batch, gens):
-            if job.stream is not None and job.stream.first is not None:
-                gen.first_token_s = job.stream.first
+        for job, gen in zip(batch, gens):  # a streamed request's time to first token came from its TokenStream
             self.observe(job, gen, len(batch))
             job.future.set_result(gen)
 
     def observe(self, job: Job, gen: Generation, batch_size: int) -> None:
-        if self.metrics is None:
-            return
-        acceptance = None
-        if self.candidate.draft is not None and job.params.temperature <= 0 and gen.token_ids:
-            prompt_ids = self.candidate.tokenizer(job.prompt_text, add_special_tokens=False)["input_ids"]
-            agree, total = draft_agreement(gen.token_ids, prompt_ids, self.candidate.draft)
-            acceptance = agree / total
-        self.metrics.observe(gen, time.perf_counter() - job.queued_at, batch_size, acceptance)
+        if self.metrics is not None:
+            self.metrics.observe(gen, time.perf_counter() - job.queued_at, batch_size, self.sampled_acceptance(job, gen))
+
+    def sampled_acceptance(self, job: Job, gen: Generation) -> float | None:
+        """Draft acceptance of a greedy request, measured for every ACCEPTANCE_EVERY-th one (the first
+        included): it costs a draft forward over the whole sequence, on the engine thread."""
+        if self.candidate.draft is None or job.params.temperature > 0 or not gen.token_ids:
+            return None
+        self.greedy_draft_requests += 1
+        if self.greedy_draft_requests % ACCEPTANCE_EVERY != 1:
+            return None
+        prompt_ids = self.candidate.tokenizer(job.prompt_text, add_special_tokens=False)["input_ids"]
+        agree, total = draft_agreement(gen.token_ids, prompt_ids, self.candidate.draft)
+        return agree / total

@@ -54,7 +54,7 @@ def sampling(req: SamplingFields, engine: Engine, prompt_text: str) -> SamplingP
     used = engine.prompt_tokens(prompt_text)
     if used + max_tokens > engine.candidate.context_length:
         raise ApiError(400, f"the prompt is {used} tokens; with max_tokens {max_tokens} that exceeds the model's context of "
-                            f"{engine.candidate.context_length} tokens", "messages" if "chat" in type(req).__name__.lower() else "prompt")
+                            f"{engine.candidate.context_length} tokens", "messages" if isinstance(req, ChatCompletionRequest) else "prompt")
     return SamplingParams(max_tokens, req.temperature, req.top_p, req.seed, req.stop_list())
 
 

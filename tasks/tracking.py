@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.artifacts import digest, read_json
+from models.artifacts import digest, dir_size_bytes, read_json
 from tasks.config import REPO_ROOT, PipelineConfig, RegistryConfig
 from tasks.etl import DatasetVersion
 
@@ -129,8 +129,7 @@ def log_stages(run_id: str, cfg: PipelineConfig, home: Path, dataset: DatasetVer
     if draft is not None:
         log_stage(client, run_id, "draft", read_json(draft / "train.json"), [draft / "train.json"], {"artifact": draft.name})
     for method, qdir in quantized.items():
-        size = sum(p.stat().st_size for p in qdir.rglob("*") if p.is_file())
-        log_stage(client, run_id, f"quantize-{method}", {"size_bytes": size}, [qdir / "smelt_quant.json"], {"artifact": qdir.name})
+        log_stage(client, run_id, f"quantize-{method}", {"size_bytes": dir_size_bytes(qdir)}, [qdir / "smelt_quant.json"], {"artifact": qdir.name})
 
 
 def finish_pipeline_run(run_id: str, cfg: PipelineConfig, home: Path, registry: dict, bento: dict | None) -> None:

@@ -83,16 +83,14 @@ def train_lora(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: 
 @torch.inference_mode()
 def complete_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
     """Greedy completions for many prompts at once (left-padded batches)."""
-    tokenizer.padding_side = "left"
     outs = []
     for i in range(0, len(prompts), batch_size):
         texts = [render_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         new = gen[:, enc["input_ids"].shape[1]:]  # [batch, new_tokens]
         outs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
-    tokenizer.padding_side = "right"
     return outs
 
 

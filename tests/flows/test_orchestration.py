@@ -11,7 +11,7 @@ import pytest
 
 from flows.stack import SERVICES, is_running, start_services, stop_services
 from tasks.config import REPO_ROOT
-from tests.ports import free_port
+from tests.helpers import free_port, smelt_env
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +34,7 @@ def stack(tmp_path_factory):
 
 
 def smelt(home, *args, timeout=300):
-    env = {**os.environ, "SMELT_HOME": str(home)}
-    for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME", "PREFECT_API_URL"):
-        env.pop(var, None)  # the CLI finds the running servers itself
+    env = smelt_env(home)  # the CLI finds the running servers itself
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -109,7 +107,7 @@ def burst():
 threading.Thread(target=burst).start()
 print(json.dumps(watch(Path({str(home)!r}), folder, interval_s=0.2, quiet_s=1.5, max_polls=30)))
 """
-    env = {**os.environ, "SMELT_HOME": str(home), "PREFECT_API_URL": states["prefect"].api_url}
+    env = smelt_env(home, PREFECT_API_URL=states["prefect"].api_url)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     emitted = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,15 +7,13 @@ import time
 
 import pytest
 
-from tests.ports import free_port
+from tests.helpers import free_port, smelt_env
 
 pytestmark = pytest.mark.integration
 
 
 def run_smelt(home, *args):
-    env = {**os.environ, "SMELT_HOME": str(home)}
-    for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME"):
-        env.pop(var, None)
+    env = smelt_env(home)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", "micro-cpu", *args],
                           env=env, capture_output=True, text=True, timeout=900)
@@ -116,9 +114,7 @@ print(json.dumps({'outputs': m.predict(pd.DataFrame({'prompt': prompts})), 'expe
 
 
 def smelt_cli(home, *args):
-    env = {**os.environ, "SMELT_HOME": str(home)}
-    for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME"):
-        env.pop(var, None)
+    env = smelt_env(home)
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -1,18 +1,17 @@
 """A pipeline that fails mid-way leaves its MLflow run marked FAILED and the registry untouched."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.helpers import smelt_env
+
 pytestmark = pytest.mark.integration
 
 
 def test_a_failed_flow_marks_its_mlflow_run_failed(tmp_path):
-    env = {**os.environ, "SMELT_HOME": str(tmp_path)}
-    for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME"):
-        env.pop(var, None)
+    env = smelt_env(tmp_path)
     missing = tmp_path / "no-such-model"
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", "micro-cpu", f"model.base={missing}", "model.draft=none"],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -1,13 +1,12 @@
 """The pipeline reporting to the servers `smelt up` starts: Prefect API and MLflow over HTTP."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from flows.stack import start_services, stop_services
-from tests.ports import free_port
+from tests.helpers import free_port, smelt_env
 
 pytestmark = pytest.mark.integration
 
@@ -15,9 +14,7 @@ pytestmark = pytest.mark.integration
 def test_pipeline_runs_against_smelt_up_servers(tmp_path):
     states = {s.service: s for s in start_services(tmp_path, ports={"mlflow": free_port(), "prefect": free_port()})}
     try:
-        env = {**os.environ, "SMELT_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": states["mlflow"].api_url}
-        for var in ("PREFECT_HOME", "BENTOML_HOME", "PREFECT_API_URL"):
-            env.pop(var, None)  # `smelt run` finds the running Prefect server by itself
+        env = smelt_env(tmp_path, MLFLOW_TRACKING_URI=states["mlflow"].api_url)  # `smelt run` finds the Prefect server itself
         proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", "micro-cpu", "package.build_bento=false"],
                               env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.stack import start_services, stop_services
-from tests.ports import free_port
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from flows.stack import (
     stop_services,
     write_state,
 )
-from tests.ports import free_port
+from tests.helpers import free_port
 
 
 def group_alive(pgid: int) -> bool:
