@@ -3,7 +3,7 @@
 Each server runs detached in its own session, so its process group holds the server and every worker it
 spawns, and `down` stops them together. `SMELT_HOME/run/<service>.json` records what smelt started; `down`
 only ever signals a process recorded there, and only while it still runs the recorded command.
-Imports only the standard library, httpx, typer and rich: Prefect and MLflow run in the child processes.
+Imports only the standard library, httpx, typer, rich and models.artifacts: Prefect and MLflow run in the child processes.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.env import configure_environment
+from models.artifacts import write_json
 
 Service = Literal["mlflow", "prefect", "worker"]
 SERVICES: tuple[Service, ...] = get_args(Service)  # start order; `down` stops in reverse
@@ -133,9 +134,7 @@ def write_state(home: Path, state: ServiceState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = asdict(state)
     data.pop("already_running")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 def read_state(home: Path, service: str) -> ServiceState | None:

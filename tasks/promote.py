@@ -210,7 +210,7 @@ def promote(client: MlflowClient, name: str, version: str, cfg: RegistryConfig, 
         event = {"smelt.gate": f"{'promoted' if ok else 'refused'}: {why}", "smelt.gate_numbers": json.dumps(numbers),
                  "smelt.gate_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if not ok:
-            client_tags(client, name, version, event)
+            run_all_or_nothing([version_tags_step(client, name, version, event)])
             return Promotion(name, version, False, why, str(champ.version) if champ else None, numbers=numbers)
         history = [v for v in champion_history(client, name) if v != version] + [version]
         run_all_or_nothing(set_champion_steps(client, name, version, history, event))
@@ -245,11 +245,6 @@ def registry_locked(client: MlflowClient, name: str, home: Path) -> Iterator[Non
         yield
     finally:
         lock.release()
-
-
-def client_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
 
 
 def current_champion(client: MlflowClient, name: str):
