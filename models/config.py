@@ -10,7 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Device = Literal["auto", "cpu", "cuda"]
-QuantMethod = Literal["none", "torchao-int8-dyn", "torchao-int8-wo"]
+QuantMethod = Literal["none", "gptq-int4", "gptq-int8", "torchao-int8-dyn", "torchao-int8-wo", "torchao-int4-wo",
+                      "bnb-int8", "bnb-nf4"]
 DecodeStrategy = Literal["plain", "draft", "prompt-lookup"]
 
 
@@ -104,7 +105,11 @@ class QuantConfig(StrictModel):
         default_factory=lambda: ["none", "torchao-int8-dyn"],
         description="Quantization methods to build candidates with; 'none' is the full-precision reference.",
     )
-    calibration_rows: int = Field(32, ge=1, description="Training rows kept as calibration data with each artifact.")
+    calibration_rows: int = Field(32, ge=1, description="Training rows kept as calibration data with each artifact "
+                                                        "(GPTQ calibrates on them).")
+    group_size: int = Field(128, ge=16, description="Weights sharing one scale in GPTQ and int4 weight-only; must divide "
+                                                    "the layers' input width (the tiny presets use 32).")
+    bnb_double_quant: bool = Field(True, description="bnb-nf4: quantize the quantization constants too (saves ~0.4 bit/weight).")
 
     @field_validator("methods")
     @classmethod

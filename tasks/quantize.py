@@ -9,7 +9,7 @@ from prefect import task
 from models.artifacts import atomic_dir, digest
 from models.config import QuantConfig
 from models.device import resolve_device
-from models.quant import check_supported, quantize_model
+from models.quant import check_supported, method_settings, quantize_model
 from tasks.caching import STAGE_CACHE
 from tasks.etl import DatasetVersion
 
@@ -26,10 +26,11 @@ def quantize_candidates(finetuned: Path, dataset: DatasetVersion, cfg: QuantConf
     calibration = calibration_prompts(dataset, cfg.calibration_rows)
     out = {}
     for method in cfg.methods:
-        target = home / "models" / f"quant-{method}-{digest('quant-v1', str(finetuned), method, calibration)}"
+        key = digest("quant-v2", str(finetuned), method, method_settings(method, cfg), calibration)
+        target = home / "models" / f"quant-{method}-{key}"
         if not target.exists():
             with atomic_dir(target) as tmp:
-                quantize_model(method, finetuned / "merged", tmp, calibration)
+                quantize_model(method, finetuned / "merged", tmp, calibration, cfg)
                 # Stored with the model so the quantization can be reproduced exactly.
                 (tmp / "calibration.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in calibration))
         out[method] = target

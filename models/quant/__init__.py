@@ -1,28 +1,37 @@
 """Quantization backends behind one registry.
 
-Every backend module exposes the same two functions:
-    quantize(model_dir, out_dir, calibration) -> None   # writes a complete artifact into out_dir
-    load(artifact_dir, device) -> model
-and the method actually applied is written to `smelt_quant.json` in the artifact, so loading
-never guesses it from a file name.
+Every backend module exposes the same three functions:
+    unsupported_reason(device, **settings) -> str | None   # why this device cannot run it, or None
+    quantize(model_dir, out_dir, calibration, **settings) -> Path   # writes a complete artifact into out_dir
+    load(artifact_dir, device, **settings) -> model
+and the method, its settings and the calibration digest are written to `smelt_quant.json` in the
+artifact, so loading never guesses them from a file name.
 """
 from __future__ import annotations
 
 import importlib
+import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from models.artifacts import read_json, write_json
+from models.artifacts import digest, read_json, write_json
+from models.config import QuantConfig
 
 QUANT_META = "smelt_quant.json"
 
-# method -> (module, kwargs given to its quantize); modules are imported lazily so an optional
-# backend's import cost or absence only matters when that method is asked for.
-BACKENDS: dict[str, tuple[str, dict]] = {
-    "none": ("models.quant.full", {}),
-    "torchao-int8-dyn": ("models.quant.torchao", {"scheme": "int8-dyn"}),
-    "torchao-int8-wo": ("models.quant.torchao", {"scheme": "int8-wo"}),
+# method -> (module, fixed settings, library whose version is recorded); modules are imported lazily
+# so an optional backend's import cost or absence only matters when that method is asked for.
+BACKENDS: dict[str, tuple[str, dict, str | None]] = {
+    "none": ("models.quant.full", {}, None),
+    "gptq-int4": ("models.quant.gptq", {"bits": 4}, "gptqmodel"),
+    "gptq-int8": ("models.quant.gptq", {"bits": 8}, "gptqmodel"),
+    "torchao-int8-dyn": ("models.quant.torchao", {"scheme": "int8-dyn"}, "torchao"),
+    "torchao-int8-wo": ("models.quant.torchao", {"scheme": "int8-wo"}, "torchao"),
+    "torchao-int4-wo": ("models.quant.torchao", {"scheme": "int4-wo"}, "torchao"),
+    "bnb-int8": ("models.quant.bnb", {"scheme": "int8"}, "bitsandbytes"),
+    "bnb-nf4": ("models.quant.bnb", {"scheme": "nf4"}, "bitsandbytes"),
 }
 
 
@@ -32,26 +41,71 @@ def _backend(method: str):
     return importlib.import_module(BACKENDS[method][0])
 
 
+def method_settings(method: str, cfg: QuantConfig | None = None) -> dict:
+    """The settings a method runs with: its fixed ones plus the configurable ones it uses."""
+    cfg = cfg or QuantConfig()
+    fixed = dict(BACKENDS[method][1])
+    module = BACKENDS[method][0]
+    if module in ("models.quant.gptq",) or fixed.get("scheme") == "int4-wo":
+        fixed["group_size"] = cfg.group_size
+    if module == "models.quant.bnb" and fixed["scheme"] == "nf4":
+        fixed["double_quant"] = cfg.bnb_double_quant
+    return fixed
+
+
+def unsupported_reason(method: str, device: torch.device) -> str | None:
+    return _backend(method).unsupported_reason(device, **BACKENDS[method][1])
+
+
+def supported_methods(device: torch.device) -> list[str]:
+    return [m for m in BACKENDS if not unsupported_reason(m, device)]
+
+
 def check_supported(method: str, device: torch.device) -> None:
     """Refuse up front a method this device cannot run, naming the reason and what would work."""
-    reason = _backend(method).unsupported_reason(device, **BACKENDS[method][1])
+    reason = unsupported_reason(method, device)
     if reason:
-        ok = [m for m in BACKENDS if not _backend(m).unsupported_reason(device, **BACKENDS[m][1])]
-        raise ValueError(f"quantization method {method!r} cannot run on {device.type}: {reason}; methods that can: {ok}")
+        raise ValueError(f"quantization method {method!r} cannot run on {device.type}: {reason}; "
+                         f"methods that can: {supported_methods(device)}")
 
 
-def quantize_model(method: str, model_dir: Path, out_dir: Path, calibration: list[str]) -> None:
-    """Quantize the merged model in `model_dir` into `out_dir` and record what was done."""
+def check_merged(model_dir: Path) -> None:
+    # Quantizing a base under an unmerged adapter would ship the base's behaviour, not the fine-tune.
+    if (Path(model_dir) / "adapter_config.json").exists():
+        raise ValueError(f"{model_dir} holds an unmerged LoRA adapter; quantize the merged model (merge_and_unload) instead")
+
+
+def quantize_model(method: str, model_dir: Path, out_dir: Path, calibration: list[str], cfg: QuantConfig | None = None) -> Path:
+    """Quantize the merged model in `model_dir` into `out_dir` and record exactly what was done."""
+    check_merged(model_dir)
     module = _backend(method)
-    settings = BACKENDS[method][1]
-    module.quantize(Path(model_dir), Path(out_dir), calibration, **settings)
-    write_json(Path(out_dir) / QUANT_META, {"method": method, "settings": settings, "calibration_rows": len(calibration)})
+    settings = method_settings(method, cfg)
+    t0 = time.perf_counter()
+    extra = module.quantize(Path(model_dir), Path(out_dir), calibration, **settings) or {}
+    library = BACKENDS[method][2]
+    write_json(Path(out_dir) / QUANT_META, {
+        "method": method, "settings": settings, "calibration_rows": len(calibration),
+        "calibration_digest": digest(calibration, length=16), "library": library,
+        "library_version": _version(library), "quantize_seconds": round(time.perf_counter() - t0, 3), **extra,
+    })
+    return Path(out_dir)
+
+
+def _version(package: str | None) -> str | None:
+    try:
+        return version(package) if package else None
+    except PackageNotFoundError:
+        return None
+
+
+def quant_meta(artifact_dir: Path) -> dict:
+    return read_json(Path(artifact_dir) / QUANT_META)
 
 
 def quant_method(artifact_dir: Path) -> str:
-    return read_json(Path(artifact_dir) / QUANT_META)["method"]
+    return quant_meta(artifact_dir)["method"]
 
 
 def load_quantized(artifact_dir: Path, device: torch.device):
-    meta = read_json(Path(artifact_dir) / QUANT_META)
+    meta = quant_meta(artifact_dir)
     return _backend(meta["method"]).load(Path(artifact_dir), device, **meta["settings"])

@@ -1,7 +1,11 @@
-"""torchao int8 backends: `int8-dyn` (int8 activations x int8 weights) and `int8-wo` (weight-only).
+"""torchao backends: `int8-dyn` (int8 activations x int8 weights), `int8-wo` (int8 weight-only) and
+`int4-wo` (int4 weight-only, grouped).
 
-The quantized tensors are saved in safetensors through transformers' TorchAoConfig and load
+int8: the quantized tensors are saved in safetensors through transformers' TorchAoConfig and load
 back already quantized, so the artifact on disk is the one that ships.
+int4-wo: torchao 0.18's CPU int4 layout (PrototypeInt4WeightOnlyConfig) cannot be serialised
+(shared FACTS.md), so the artifact holds the full-precision merged weights plus these settings and
+`load` quantizes them the same way every time (the metadata says `quantized_at_load`).
 """
 from __future__ import annotations
 
@@ -12,32 +16,69 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
 
-def _torchao_config(scheme: str):
+def _int8_config(scheme: str):
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 
     return {"int8-dyn": Int8DynamicActivationInt8WeightConfig, "int8-wo": Int8WeightOnlyConfig}[scheme]()
 
 
-def unsupported_reason(device: torch.device, scheme: str) -> str | None:
+def _int4_config(device: torch.device, group_size: int):
+    if device.type == "cuda":
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return Int4WeightOnlyConfig(group_size=group_size)
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(group_size=group_size)
+
+
+def unsupported_reason(device: torch.device, scheme: str, **_) -> str | None:
     try:
         import torchao  # noqa: F401
     except ImportError:
         return "torchao is not installed"
+    if scheme == "int4-wo" and device.type == "cpu":
+        try:
+            from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig  # noqa: F401
+        except ImportError:
+            return "this torchao has no CPU int4 weight-only layout"
+        if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+            return "this torch has no CPU int4 packing kernel"
     return None
 
 
-def quantize(model_dir: Path, out_dir: Path, calibration: list[str], scheme: str) -> None:
-    # Dynamic/weight-only int8 needs no calibration data; it is recorded with the artifact anyway.
+def int4_eligible(group_size: int):
+    """Linear layers the int4 kernel can pack: out_features a multiple of 16, in_features of the group."""
+    def eligible(module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module.out_features % 16 == 0 and module.in_features % group_size == 0
+    return eligible
+
+
+def quantize(model_dir: Path, out_dir: Path, calibration: list[str], scheme: str, group_size: int = 128) -> dict:
+    # Dynamic/weight-only quantization needs no calibration data; it is recorded with the artifact anyway.
+    if scheme == "int4-wo":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+        eligible = int4_eligible(group_size)
+        skipped = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not eligible(m, n)]
+        shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+        return {"quantized_at_load": True, "skipped_layers": skipped}
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=TorchAoConfig(_torchao_config(scheme)), use_safetensors=True
+        model_dir, quantization_config=TorchAoConfig(_int8_config(scheme)), use_safetensors=True
     )
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
     for extra in ("smelt_build.json",):
         if (model_dir / extra).exists():
             shutil.copy2(model_dir / extra, out_dir / extra)
+    return {}
 
 
-def load(artifact_dir: Path, device: torch.device, scheme: str):
-    model = AutoModelForCausalLM.from_pretrained(artifact_dir, use_safetensors=True)
-    return model.to(device).eval()
+def load(artifact_dir: Path, device: torch.device, scheme: str, group_size: int = 128):
+    model = AutoModelForCausalLM.from_pretrained(artifact_dir, use_safetensors=True).to(device).eval()
+    if scheme == "int4-wo":
+        from torchao.quantization import quantize_
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CUDA's int4 kernel wants bf16
+        model = model.to(dtype)
+        quantize_(model, _int4_config(device, group_size), filter_fn=int4_eligible(group_size))
+    return model
