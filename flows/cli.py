@@ -291,21 +291,34 @@ def data_watch(
     watch(home, folder, interval, cfg.orchestration.quiet_seconds, source_uri=uri)
 
 
+# The terminal shows the numbers the selection turns on; the full table is in the report files.
+SUMMARY_COLUMNS = ("version", "quant", "decoding", "exact match", "field F1", "ppl", "tok/s", "TTFT ms", "8-stream tok/s",
+                   "draft accept", "weights MB", "chosen")
+
+
 def print_summary(result: dict, seconds: float) -> None:
+    from tasks.report import candidate_rows
+
     reg = result["registry"]
+    rows = candidate_rows(result["reports"], reg, result.get("base"))
     table = Table(title=f"Candidates (dataset {result['dataset']}, {result['counts']['train']} train / {result['counts']['eval']} eval rows)")
-    for col in ("version", "quant", "decoding", "exact match", "field acc", "tok/s", "draft accept", "p50 s", "size MB", "chosen / why"):
+    for col in SUMMARY_COLUMNS:
         table.add_column(col)
-    for i, r in enumerate(result["reports"]):
-        table.add_row(
-            reg["versions"][i], r["quant_method"], r["strategy"], f"{r['exact_match']:.1%}", f"{r['field_accuracy']:.1%}",
-            f"{r['tokens_per_s']:.0f}", "-" if r.get("draft_acceptance") is None else f"{r['draft_acceptance']:.0%}",
-            f"{r['latency_p50_s']:.3f}", f"{r['size_bytes'] / 1e6:.1f}",
-            ("[green]yes[/green] " if i == reg["chosen"] else "no: ") + reg["reasons"][i],
-        )
+    for row in rows:
+        table.add_row(*[("[green]yes[/green]" if row[c] == "yes" else str(row[c])) for c in SUMMARY_COLUMNS])
     console.print(table)
-    gate = "promoted to champion" if reg["promoted"] else "not promoted"
-    console.print(f"Registered model [bold]{reg['name']}[/bold]: challenger v{reg['challenger']} {gate} ({reg['gate_reason']}); champion is v{reg['champion']}.")
+    for row in rows:
+        console.print(f"  v{row['version']} {row['quant']}/{row['decoding']}: {row['why']}")
+    policy = result["selection"]["policy"]
+    console.print(f"Selection: {policy['policy']} on {policy['metric']} (within {policy['max_accuracy_drop']:.1%} of full "
+                  f"precision{', above the base model' if policy['require_above_base'] else ''}), ranked by {policy['speed_metric']}.")
+    if reg["challenger"] is None:
+        console.print(f"Registered model [bold]{reg['name']}[/bold]: {reg['gate_reason']}; champion is v{reg['champion']}.")
+    else:
+        gate = "promoted to champion" if reg["promoted"] else "not promoted"
+        console.print(f"Registered model [bold]{reg['name']}[/bold]: challenger v{reg['challenger']} {gate} ({reg['gate_reason']}); "
+                      f"champion is v{reg['champion']}.")
+    console.print(f"Evaluation report (JSON, Markdown, pictures): {result['report_dir']} (also in the MLflow run, under evaluation/)")
     console.print(f"MLflow run {result['mlflow_run_id']}; `smelt models list {reg['name']}` shows every version.")
     home = smelt_home()
     lines = [f"Finished in {seconds:.0f} s. Next:",

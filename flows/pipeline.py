@@ -6,11 +6,12 @@ from prefect import flow
 from flows.env import smelt_home
 from tasks.config import PipelineConfig, with_watched_data
 from tasks.etl import etl_task
-from tasks.evaluate import build_candidates_task, evaluate_task
+from tasks.evaluate import build_candidates_task, build_reference_task, evaluate_task
 from tasks.package import package_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task
 from tasks.report import report_data_task, report_results_task
+from tasks.select import select_task
 from tasks.tracking import close_run_task, fail_flow_runs, open_run_task, track_stages_task
 from tasks.train import prepare_models_task, train_draft_task, train_lora_task
 
@@ -34,12 +35,15 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     track_stages_task(run, config, home, dataset, finetuned, draft, quantized)
     candidates = build_candidates_task(quantized, draft, config.decode, home)
     reports = [evaluate_task(c, dataset, config.eval, home) for c in candidates]
-    registry = register_task(config, dataset, reports, run, home)
-    bento = package_task(registry["name"], registry["champion"], config.registry, home) if config.package.build_bento else None
-    report_results_task(reports, registry)
+    base_report = evaluate_task(build_reference_task(base, finetuned, config.decode, home), dataset, config.eval, home)
+    selection = select_task(reports, base_report, config.select)
+    registry = register_task(config, dataset, reports, selection, run, home)
+    ship = config.package.build_bento and registry["champion"] is not None
+    bento = package_task(registry["name"], registry["champion"], config.registry, home) if ship else None
+    report_dir = report_results_task(config, reports, base_report, selection, registry, run, home)
     close_run_task(run, config, home, registry, bento)
-    return {"dataset": dataset.version, "counts": dataset.counts, "reports": reports, "registry": registry,
-            "bento": bento, "mlflow_run_id": run}
+    return {"dataset": dataset.version, "counts": dataset.counts, "reports": reports, "base": base_report,
+            "selection": selection, "registry": registry, "bento": bento, "mlflow_run_id": run, "report_dir": report_dir}
 
 
 @flow(name="smelt-etl", flow_run_name="{config.preset}-etl", log_prints=True)

@@ -62,7 +62,16 @@ class Engine:
         self.wake = threading.Condition()
         self.outstanding = 0
         self.greedy_draft_requests = 0
-        threading.Thread(target=self.serve_forever, name="smelt-engine", daemon=True).start()
+        self.closed = False
+        self.thread = threading.Thread(target=self.serve_forever, name="smelt-engine", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        """Finish the jobs already queued, then stop the worker thread (and let go of the model)."""
+        with self.wake:
+            self.closed = True
+            self.wake.notify_all()
+        self.thread.join()
 
     def prompt_tokens(self, prompt_text: str) -> int:
         return len(self.candidate.tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
@@ -71,6 +80,8 @@ class Engine:
         """Queue one request; raises Busy when the queue is full."""
         job = Job(prompt_text, params, TokenStream(self.candidate.tokenizer) if stream else None)
         with self.wake:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
             if self.outstanding >= self.cfg.max_batch_size + self.cfg.max_queue:
                 raise Busy(self.outstanding, self.cfg.retry_after_s)
             self.outstanding += 1
@@ -81,6 +92,8 @@ class Engine:
     def serve_forever(self) -> None:
         while True:
             batch = self.next_batch()
+            if not batch:  # closed and drained
+                return
             try:
                 self.run(batch)
             finally:
@@ -90,8 +103,10 @@ class Engine:
     def next_batch(self) -> list[Job]:
         """The oldest job, plus (after a short wait) queued jobs that can share its batch."""
         with self.wake:
-            while not self.jobs:
+            while not self.jobs and not self.closed:
                 self.wake.wait()
+            if not self.jobs:
+                return []
             first = self.jobs.popleft()
             if not self.can_batch(first):
                 return [first]

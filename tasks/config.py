@@ -6,10 +6,10 @@ validates everything before any work starts; errors name the field, the value an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models.config import DecodeConfig, Device, ModelConfig, QuantConfig, StrictModel, TrainConfig
 
@@ -37,6 +37,30 @@ class EtlConfig(StrictModel):
 class EvalConfig(StrictModel):
     max_samples: int = Field(48, ge=1, description="Eval-split rows each candidate is scored on.")
     device: Device = "auto"
+    concurrent_streams: int = Field(8, ge=1, le=256, description="Requests sent together to measure aggregate tokens/s.")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="EleutherAI lm-evaluation-harness tasks run on every plain candidate, e.g. [smelt-embedded, arc_easy]. "
+                    "'smelt-embedded' is this dataset's eval split as a local lm-eval task; tasks whose dataset must come "
+                    "from the hub are skipped with a message when offline.",
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="Documents per lm-eval task; None: all (the embedded task: max_samples).")
+
+
+class SelectConfig(StrictModel):
+    """Which evaluated candidate becomes the challenger: the policy and its thresholds."""
+
+    policy: Literal["fastest-within", "most-accurate"] = Field(
+        "fastest-within",
+        description="fastest-within: the fastest accepted candidate; most-accurate: the most accurate accepted one.",
+    )
+    metric: Literal["exact_match", "field_f1", "field_accuracy"] = Field(
+        "exact_match", description="Accuracy metric the policy compares.")
+    speed_metric: Literal["tokens_per_s", "decode_tokens_per_s", "concurrent_tokens_per_s"] = Field(
+        "tokens_per_s", description="Speed the policy ranks by (end-to-end batch-1 tokens/s by default).")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="Accepted only within this much of the full-precision fine-tuned model (1 point).")
+    require_above_base: bool = Field(True, description="Accepted only if more accurate than the base model before fine-tuning.")
 
 
 class RegistryConfig(StrictModel):
@@ -47,10 +71,6 @@ class RegistryConfig(StrictModel):
     )
     accuracy_tolerance: float = Field(0.02, ge=0, le=1, description="A challenger may be this much less accurate than the champion.")
     speed_margin: float = Field(0.10, ge=0, le=1, description="A challenger may be this fraction slower than the champion.")
-    min_accuracy_gain_to_trade_speed: float = Field(
-        0.02, ge=0, le=1,
-        description="When choosing the challenger, a candidate within this much of the best accuracy is preferred if faster.",
-    )
 
 
 class PackageConfig(StrictModel):
@@ -82,9 +102,17 @@ class PipelineConfig(StrictModel):
     quant: QuantConfig = Field(default_factory=QuantConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     package: PackageConfig = Field(default_factory=PackageConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="after")
+    def _reference_is_built(self) -> "PipelineConfig":
+        if "none" not in self.quant.methods:
+            raise ValueError("quant.methods must include 'none': the selection policy compares every candidate with "
+                             "the full-precision fine-tuned model")
+        return self
 
     @property
     def registered_name(self) -> str:

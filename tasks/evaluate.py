@@ -3,19 +3,29 @@ decoding code that serving uses (models.candidate), for accuracy and speed."""
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import statistics
+import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from prefect import task
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.artifacts import digest, dir_size_bytes, read_json, write_json
+from models.artifacts import atomic_dir, digest, dir_size_bytes, read_json, write_json
 from models.candidate import assemble_candidate, load_candidate
+from models.chat import render_prompt, tokenize_example
 from models.config import DecodeConfig
+from models.decoding import Generation
 from models.device import resolve_device
+from models.quant import quant_meta, quantize_model
 from tasks.caching import STAGE_CACHE
 from tasks.config import EvalConfig
 from tasks.etl import DatasetVersion
+from tasks.measure import PeakMemory, concurrent_throughput, memory_bandwidth
 
 
 def build_candidates(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: DecodeConfig, home: Path) -> list[Path]:
@@ -30,33 +40,95 @@ def build_candidates(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: D
     return out
 
 
-def field_accuracy(predicted: str, expected: str) -> float:
-    """Share of the expected JSON's fields reproduced exactly (0 if the output is not a JSON object)."""
+def json_fields(text: str) -> dict | None:
     try:
-        want = json.loads(expected)
-        got = json.loads(predicted)
+        value = json.loads(text)
     except json.JSONDecodeError:
-        return 0.0
-    if not isinstance(want, dict):
-        return float(got == want)
-    if not isinstance(got, dict):
-        return 0.0
-    return sum(got.get(k) == v for k, v in want.items()) / max(1, len(want))
+        return None
+    return value if isinstance(value, dict) else {"": value}
 
 
-def score(rows: list[dict], outputs: list) -> dict:
+def field_scores(predicted: str, expected: str) -> tuple[float, float]:
+    """(field accuracy, field F1) of a JSON answer: accuracy is the share of the expected fields
+    reproduced exactly; F1 also charges fields the model invented. Not JSON: (0, 0)."""
+    want, got = json_fields(expected), json_fields(predicted)
+    if want is None:
+        same = float(predicted.strip() == expected.strip())
+        return same, same
+    if got is None:
+        return 0.0, 0.0
+    hits = sum(k in got and got[k] == v for k, v in want.items())
+    recall = hits / max(1, len(want))
+    precision = hits / max(1, len(got))
+    return recall, (2 * precision * recall / (precision + recall) if hits else 0.0)
+
+
+def field_accuracy(predicted: str, expected: str) -> float:
+    return field_scores(predicted, expected)[0]
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def score(rows: list[dict], outputs: list[Generation]) -> dict:
     exact = [o.text == r["completion"] for r, o in zip(rows, outputs)]
-    fields = [field_accuracy(o.text, r["completion"]) for r, o in zip(rows, outputs)]
-    latencies = sorted(o.seconds for o in outputs)
+    fields = [field_scores(o.text, r["completion"]) for r, o in zip(rows, outputs)]
+    latencies = [o.seconds for o in outputs]
+    ordered = sorted(latencies)
     tokens = sum(o.new_tokens for o in outputs)
+    firsts = [o.first_token_s for o in outputs if o.first_token_s is not None]
+    # decode speed leaves out the prefill: tokens after the first, over the time after the first
+    decode_tokens = sum(o.new_tokens - 1 for o in outputs if o.first_token_s is not None and o.new_tokens > 1)
+    decode_seconds = sum(o.seconds - o.first_token_s for o in outputs if o.first_token_s is not None and o.new_tokens > 1)
     return {
         "exact_match": sum(exact) / len(exact),
-        "field_accuracy": sum(fields) / len(fields),
+        "field_accuracy": sum(f[0] for f in fields) / len(fields),
+        "field_f1": sum(f[1] for f in fields) / len(fields),
         "tokens_per_s": tokens / sum(latencies),
-        "latency_p50_s": statistics.median(latencies),
-        "latency_p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds > 0 else None,
+        "ttft_s": statistics.mean(firsts) if firsts else None,
+        "latency_p50_s": statistics.median(ordered),
+        "latency_p95_s": percentile(ordered, 0.95),
+        "latencies_s": [round(x, 5) for x in latencies],
         "new_tokens": tokens,
         "samples": len(rows),
+    }
+
+
+@torch.inference_mode()
+def completion_perplexity(model, tokenizer, rows: list[dict], max_len: int = 1024) -> float:
+    """Perplexity of the expected completions given their prompts (teacher-forced, prompt masked
+    exactly as in training): how well the weights that ship still model held-out answers."""
+    nll, count = 0.0, 0
+    for r in rows:
+        ex = tokenize_example(tokenizer, r["prompt"], r["completion"], max_len)
+        ids = torch.tensor([ex.input_ids], device=model.device)  # [1, seq]
+        labels = torch.tensor(ex.labels[1:], device=model.device)  # [seq - 1]: token t+1 predicted at t
+        logits = model(ids).logits[0, :-1].float()  # [seq - 1, vocab]
+        nll += F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    return math.exp(nll / max(1, count))
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of weights a decode step reads: the model's weight files on disk."""
+    return sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def speed_of_memory(report: dict, model_dir: Path, device: torch.device) -> dict:
+    """Effective bandwidth (weight bytes x decode tokens/s) and its share of the measured bandwidth."""
+    meta = quant_meta(model_dir)
+    wbytes = weight_bytes(model_dir)
+    tps = report.get("decode_tokens_per_s") or report["tokens_per_s"]
+    machine = memory_bandwidth(device.type)
+    return {
+        "weight_bytes": wbytes,
+        # int4 weight-only on the CPU is stored in full precision and packed at load (see models/quant/torchao.py)
+        "weight_bytes_note": "full precision on disk, quantized at load" if meta.get("quantized_at_load") else "on disk",
+        "effective_bandwidth_gbs": wbytes * tps / 1e9,
+        "machine_bandwidth_gbs": machine / 1e9,
+        "bandwidth_share": wbytes * tps / machine,
     }
 
 
@@ -67,13 +139,19 @@ def eval_split_key(dataset: DatasetVersion, cfg: EvalConfig) -> str:
 
 def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> dict:
     """Accuracy and speed of one candidate; cached by candidate, dataset version and config."""
-    cache = home / "evals" / f"{digest('eval-v3', candidate_dir.name, eval_split_key(dataset, cfg))}.json"
+    cache = home / "evals" / f"{digest('eval-v4', candidate_dir.name, eval_split_key(dataset, cfg))}.json"
     if cache.exists():
         return read_json(cache)
     rows = dataset.rows("eval")[: cfg.max_samples]
-    cand = load_candidate(candidate_dir, resolve_device(cfg.device))
-    cand.generate(rows[0]["prompt"], max_new_tokens=4)  # warm-up: first call pays one-off allocation costs
-    outputs = [cand.generate(r["prompt"]) for r in tqdm(rows, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
+    device = resolve_device(cfg.device)
+    with PeakMemory(device) as memory:
+        t0 = time.perf_counter()
+        cand = load_candidate(candidate_dir, device)
+        load_s = time.perf_counter() - t0
+        cand.generate(rows[0]["prompt"], max_new_tokens=4)  # warm-up: first call pays one-off allocation costs
+        outputs = [cand.generate(r["prompt"]) for r in tqdm(rows, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
+        concurrent = concurrent_throughput(cand, [render_prompt(cand.tokenizer, r["prompt"]) for r in rows],
+                                           cand.recipe["max_new_tokens"], cfg.concurrent_streams)
     report = {
         "candidate": candidate_dir.name,
         "path": str(candidate_dir),
@@ -82,18 +160,62 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
         "draft_artifact": cand.recipe.get("draft_model"),
         "eval_split": eval_split_key(dataset, cfg),
         "size_bytes": dir_size_bytes(candidate_dir),
+        "load_s": load_s,
+        "peak_memory_bytes": memory.peak_bytes,
         "draft_acceptance": cand.draft_acceptance([r["prompt"] for r in rows], outputs),
+        "perplexity": completion_perplexity(cand.model, cand.tokenizer, rows),
         **score(rows, outputs),
+        **concurrent,
         "examples": [{"prompt": r["prompt"], "expected": r["completion"], "output": o.text} for r, o in zip(rows[:3], outputs[:3])],
     }
+    report.update(speed_of_memory(report, candidate_dir / "model", device))
+    report["lm_eval"] = benchmark_candidate(cand, rows, cfg, home / "lm-eval" / candidate_dir.name)
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_json(cache, report)
     return report
 
 
+def benchmark_candidate(cand, rows: list[dict], cfg: EvalConfig, workdir: Path) -> dict | None:
+    """lm-evaluation-harness tasks on the candidate's own weights. Decoding strategies are lossless
+    under greedy decoding, so only plain candidates run them (the others would repeat the numbers)."""
+    if not cfg.lm_eval_tasks or cand.recipe["strategy"] != "plain":
+        return None
+    from tasks.benchmarks import run_lm_eval
+
+    return run_lm_eval(cand.model, cand.tokenizer, cfg.lm_eval_tasks, rows, cfg.lm_eval_limit, workdir,
+                       max_gen_toks=cand.recipe["max_new_tokens"])
+
+
+def reference_model(base: str, finetuned: Path, home: Path) -> Path:
+    """The base model before fine-tuning, as a full-precision artifact prompted exactly like the
+    candidates (the fine-tuned tokenizer and chat template; the vocabulary is the same)."""
+    target = home / "models" / f"reference-base-{digest('ref-v1', base, str(finetuned))}"
+    if target.exists():
+        return target
+    with atomic_dir(target) as tmp:
+        source = tmp / "source"
+        AutoModelForCausalLM.from_pretrained(base).save_pretrained(source)
+        AutoTokenizer.from_pretrained(finetuned / "merged").save_pretrained(source)
+        quantize_model("none", source, tmp / "done", [])
+        shutil.rmtree(source)
+    return target
+
+
+def build_reference(base: str, finetuned: Path, cfg: DecodeConfig, home: Path) -> Path:
+    """A plain-decoding candidate of the base model: what fine-tuning must beat."""
+    plain = cfg.model_copy(update={"strategies": ["plain"]})
+    ref = reference_model(base, finetuned, home) / "done"
+    return assemble_candidate(ref, None, "plain", plain, home / "candidates" / f"base-plain-{digest('cand-v2', str(ref), plain)}")
+
+
 @task(name="build-candidates", cache_policy=STAGE_CACHE, persist_result=True)
 def build_candidates_task(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: DecodeConfig, home: str) -> list[Path]:
     return build_candidates(quant_dirs, draft_dir, cfg, Path(home))
+
+
+@task(name="build-reference", cache_policy=STAGE_CACHE, persist_result=True)
+def build_reference_task(base: str, finetuned: Path, cfg: DecodeConfig, home: str) -> Path:
+    return build_reference(base, finetuned, cfg, Path(home))
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, task_run_name="evaluate-{candidate_dir.name}")

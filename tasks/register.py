@@ -4,7 +4,6 @@ the accuracy-and-speed gate, measured on the same eval split as the champion."""
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from prefect import task
 
 from models.artifacts import write_json
 from tasks.caching import STAGE_CACHE
-from tasks.config import REPO_ROOT, PipelineConfig, RegistryConfig
+from tasks.config import REPO_ROOT, PipelineConfig
 from tasks.etl import DatasetVersion
 from tasks.evaluate import eval_split_key, evaluate_candidate
 from tasks.promote import current_champion, promote, version_metrics
@@ -27,34 +26,13 @@ from tasks.tracking import lineage_tags, start_child_run, use_tracking
 # Serving a candidate needs exactly these; pinned to what produced it.
 SERVING_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "pandas", "mlflow"]
 PYFUNC_SOURCE = Path(__file__).with_name("pyfunc_model.py")
-REPORT_METRICS = ("exact_match", "field_accuracy", "tokens_per_s", "draft_acceptance", "latency_p50_s", "latency_p95_s", "size_bytes")
+REPORT_METRICS = ("exact_match", "field_accuracy", "field_f1", "perplexity", "tokens_per_s", "decode_tokens_per_s", "ttft_s",
+                  "concurrent_tokens_per_s", "draft_acceptance", "latency_p50_s", "latency_p95_s", "size_bytes",
+                  "weight_bytes", "peak_memory_bytes", "load_s", "effective_bandwidth_gbs", "bandwidth_share")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
     params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
 )
-
-
-@dataclass
-class Decision:
-    chosen: int
-    reasons: list[str]
-
-
-def select_challenger(reports: list[dict], cfg: RegistryConfig) -> Decision:
-    """Most accurate candidate, but a faster one wins if it is within the trade-off margin."""
-    best = max(r["exact_match"] for r in reports)
-    floor = best - cfg.min_accuracy_gain_to_trade_speed
-    eligible = [i for i, r in enumerate(reports) if r["exact_match"] >= floor]
-    chosen = max(eligible, key=lambda i: (reports[i]["tokens_per_s"], reports[i]["field_accuracy"]))
-    reasons = []
-    for i, r in enumerate(reports):
-        if i == chosen:
-            reasons.append(f"chosen: fastest ({r['tokens_per_s']:.0f} tok/s) within {cfg.min_accuracy_gain_to_trade_speed:.0%} of best exact match")
-        elif i not in eligible:
-            reasons.append(f"exact match {r['exact_match']:.1%} below {floor:.1%}")
-        else:
-            reasons.append(f"slower: {r['tokens_per_s']:.0f} vs {reports[chosen]['tokens_per_s']:.0f} tok/s")
-    return Decision(chosen, reasons)
 
 
 def version_tags(report: dict, lineage: dict) -> dict[str, str]:
@@ -134,22 +112,30 @@ def champion_on_split(client: MlflowClient, name: str, dataset: DatasetVersion, 
             "reevaluated_version": str(champ.version)}
 
 
-def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], run_id: str, home: Path) -> dict:
-    """Register every candidate, set `challenger`, and promote to `champion` if the gate passes."""
+def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], selection: dict, run_id: str,
+                        home: Path) -> dict:
+    """Register every candidate, make the selected one `challenger`, and promote it to `champion`
+    if the gate passes. With no candidate selected nothing moves."""
     client, name = use_tracking(cfg.registry, home), cfg.registered_name
     lineage = lineage_tags(cfg, dataset)
     mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)  # logged models follow it
     versions = [register_candidate(client, name, r, run_id, lineage) for r in reports]
-    decision = select_challenger(reports, cfg.registry)
-    chosen = versions[decision.chosen]
+    for version, why in zip(versions, selection["reasons"]):
+        client.set_model_version_tag(name, version, "smelt.selection", why[:5000])
+    out = {"name": name, "versions": versions, "chosen": selection["chosen"], "reasons": selection["reasons"]}
+    if selection["chosen"] is None:
+        champ = current_champion(client, name)
+        return {**out, "challenger": None, "promoted": False, "gate_numbers": None,
+                "gate_reason": "no candidate passed the selection policy; the champion is unchanged",
+                "champion": str(champ.version) if champ is not None else None}
+    chosen = versions[selection["chosen"]]
     client.set_registered_model_alias(name, "challenger", chosen)
     result = promote(client, name, chosen, cfg.registry, home, champion_metrics=champion_on_split(client, name, dataset, cfg, home))
-    return {"name": name, "versions": versions, "chosen": decision.chosen, "reasons": decision.reasons,
-            "challenger": chosen, "promoted": result.promoted, "gate_reason": result.reason,
+    return {**out, "challenger": chosen, "promoted": result.promoted, "gate_reason": result.reason,
             "gate_numbers": result.numbers, "champion": result.champion}
 
 
 @task(name="register", retries=2, retry_delay_seconds=[5, 30], cache_policy=STAGE_CACHE, persist_result=True)
-def register_task(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], run_id: str, home: str) -> dict:
+def register_task(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], selection: dict, run_id: str, home: str) -> dict:
     # run_id is in the cache key, so each pipeline run registers (reusing versions) under its own run.
-    return register_candidates(cfg, dataset, reports, run_id, Path(home))
+    return register_candidates(cfg, dataset, reports, selection, run_id, Path(home))

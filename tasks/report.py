@@ -2,13 +2,19 @@
 decision as artifacts of the flow run, and a run name that says what ran."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 
+from models.artifacts import atomic_dir, write_json
+from tasks.config import PipelineConfig
 from tasks.etl import DatasetVersion
+from tasks.tracking import use_tracking
 
 
 def rename_flow_run(name: str) -> None:
@@ -27,11 +33,118 @@ def data_report(dataset: DatasetVersion) -> str:
     return "\n".join(lines)
 
 
-def candidate_rows(reports: list[dict], registry: dict) -> list[dict]:
-    return [{"version": v, "quant": r["quant_method"], "decoding": r["strategy"], "exact_match": round(r["exact_match"], 4),
-             "field_accuracy": round(r["field_accuracy"], 4), "tokens_per_s": round(r["tokens_per_s"], 1),
-             "draft_acceptance": r.get("draft_acceptance"), "chosen": i == registry["chosen"], "why": registry["reasons"][i]}
-            for i, (v, r) in enumerate(zip(registry["versions"], reports))]
+TABLE_COLUMNS = [  # (key, header, format): one table for the terminal, Markdown, Prefect and MLflow
+    ("quant_method", "quant", "{}"), ("strategy", "decoding", "{}"), ("exact_match", "exact match", "{:.1%}"),
+    ("field_f1", "field F1", "{:.1%}"), ("perplexity", "ppl", "{:.2f}"), ("tokens_per_s", "tok/s", "{:.0f}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.0f}"), ("ttft_s", "TTFT ms", "ms"), ("latency_p50_s", "p50 s", "{:.3f}"),
+    ("latency_p95_s", "p95 s", "{:.3f}"), ("concurrent_tokens_per_s", "8-stream tok/s", "{:.0f}"),
+    ("draft_acceptance", "draft accept", "{:.0%}"), ("weight_bytes", "weights MB", "MB"),
+    ("bandwidth_share", "BW share", "{:.1%}"), ("peak_memory_bytes", "peak mem MB", "MB"),
+]
+
+
+def cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if fmt == "ms":
+        return f"{value * 1000:.1f}"
+    if fmt == "MB":
+        return f"{value / 1e6:.2f}"
+    return fmt.format(value)
+
+
+def candidate_rows(reports: list[dict], registry: dict, base: dict | None = None) -> list[dict]:
+    """One formatted row per candidate (and the base model as a reference row), with the selection's reason."""
+    rows = []
+    for i, r in enumerate(reports):
+        row = {"version": registry["versions"][i], **{h: cell(r.get(k), f) for k, h, f in TABLE_COLUMNS}}
+        rows.append({**row, "chosen": "yes" if i == registry["chosen"] else "no", "why": registry["reasons"][i]})
+    if base is not None:
+        rows.append({"version": "base", **{h: cell(base.get(k), f) for k, h, f in TABLE_COLUMNS}, "chosen": "-",
+                     "why": "reference: the base model before fine-tuning"})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]).replace("|", "/") for h in header) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def evaluation_markdown(reports: list[dict], base: dict | None, selection: dict, registry: dict) -> str:
+    policy = selection["policy"]
+    lm_eval = {r["candidate"]: r["lm_eval"] for r in reports if r.get("lm_eval")}
+    parts = [
+        f"# Candidates of {registry['name']}",
+        "",
+        f"Policy **{policy['policy']}** on **{policy['metric']}**, ranked by **{policy['speed_metric']}**: accepted within "
+        f"{policy['max_accuracy_drop']:.1%} of the full-precision fine-tuned model ({selection['reference_accuracy']:.1%})"
+        + (f" and above the base model ({selection['base_accuracy']:.1%})." if policy["require_above_base"] and base else "."),
+        "",
+        markdown_table(candidate_rows(reports, registry, base)),
+        "",
+        f"Machine memory bandwidth measured in this run: {reports[0].get('machine_bandwidth_gbs', 0):.1f} GB/s "
+        "(large tensor copy, read + write). BW share = weight bytes x decode tokens/s over it.",
+    ]
+    if lm_eval:
+        parts += ["", "## lm-evaluation-harness", "", "```json", json.dumps(lm_eval, indent=2, default=str), "```"]
+    verdict = "promoted to champion" if registry["promoted"] else "not promoted"
+    parts += ["", f"## Decision: challenger v{registry['challenger']} {verdict}", "", registry["gate_reason"]]
+    return "\n".join(parts)
+
+
+def plot_accuracy_vs_speed(reports: list[dict], base: dict | None, selection: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    metric, speed = selection["policy"]["metric"], selection["policy"]["speed_metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(reports):
+        style = {"marker": "*", "s": 220, "color": "tab:green"} if i == selection["chosen"] else \
+            {"marker": "o", "s": 50, "color": "tab:blue" if i in selection["accepted"] else "tab:gray"}
+        ax.scatter(r.get(speed) or 0, r[metric], **style)
+        ax.annotate(f"{r['quant_method']}/{r['strategy']}", (r.get(speed) or 0, r[metric]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    if base is not None:
+        ax.axhline(base[metric], color="tab:red", linestyle="--", linewidth=1, label="base model")
+    ax.axhline(selection["reference_accuracy"] - selection["policy"]["max_accuracy_drop"], color="tab:orange",
+               linestyle=":", linewidth=1, label="accuracy floor")
+    ax.set_xlabel(speed)
+    ax.set_ylabel(metric)
+    ax.set_title("Candidates: accuracy vs speed (star: chosen, gray: rejected)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(reports: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(reports) + 1.5))
+    ax.boxplot([r["latencies_s"] for r in reports], vert=False, showfliers=True)
+    ax.set_yticks(range(1, len(reports) + 1), [f"{r['quant_method']}/{r['strategy']}" for r in reports], fontsize=8)
+    ax.set_xlabel("request latency, s (batch 1, eval prompts)")
+    ax.set_title("Latency distribution per candidate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_evaluation_report(reports: list[dict], base: dict | None, selection: dict, registry: dict, out: Path) -> Path:
+    """evaluation.json, evaluation.md and the two pictures, written together (atomically)."""
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "evaluation.json", {"candidates": reports, "base": base, "selection": selection, "registry": registry})
+        (tmp / "evaluation.md").write_text(evaluation_markdown(reports, base, selection, registry))
+        plot_accuracy_vs_speed(reports, base, selection, tmp / "accuracy_vs_speed.png")
+        plot_latency(reports + ([base] if base else []), tmp / "latency.png")
+    return out
 
 
 def decision_report(registry: dict) -> str:
@@ -46,7 +159,19 @@ def report_data_task(preset: str, dataset: DatasetVersion) -> None:
     create_markdown_artifact(data_report(dataset), key="smelt-data-report", description=f"dataset {dataset.version}")
 
 
-@task(name="report-results", cache_policy=NO_CACHE)
-def report_results_task(reports: list[dict], registry: dict) -> None:
-    create_table_artifact(candidate_rows(reports, registry), key="smelt-candidates", description="every candidate, measured")
+def report_results(cfg: PipelineConfig, reports: list[dict], base: dict | None, selection: dict, registry: dict,
+                   run_id: str, home: Path) -> Path:
+    """The evaluation report in SMELT_HOME, in the MLflow run (artifacts under evaluation/) and in Prefect."""
+    out = write_evaluation_report(reports, base, selection, registry, home / "reports" / run_id)
+    use_tracking(cfg.registry, home).log_artifacts(run_id, str(out), "evaluation")
+    create_table_artifact(candidate_rows(reports, registry, base), key="smelt-candidates", description="every candidate, measured")
+    create_markdown_artifact((out / "evaluation.md").read_text() + f"\n\nPictures: MLflow run `{run_id}`, artifacts `evaluation/`; "
+                             f"locally `{out}`.", key="smelt-evaluation", description="candidates, selection and decision")
     create_markdown_artifact(decision_report(registry), key="smelt-promotion", description="the gate's decision")
+    return out
+
+
+@task(name="report-results", cache_policy=NO_CACHE)
+def report_results_task(cfg: PipelineConfig, reports: list[dict], base: dict | None, selection: dict, registry: dict,
+                        run_id: str, home: str) -> str:
+    return str(report_results(cfg, reports, base, selection, registry, run_id, Path(home)))

@@ -28,9 +28,13 @@ def unsupported_reason(device: torch.device, **_) -> str | None:
 
 def quantize(model_dir: Path, out_dir: Path, calibration: list[str], bits: int, group_size: int = 128) -> dict:
     from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.looper import loop_processor
 
     if not calibration:
         raise ValueError("GPTQ needs calibration rows; the quantize stage draws them from the training split")
+    # GPTQModel writes per-layer quantization logs (loss, damping, time) to ./logs of whatever the
+    # working directory is; keep them with the artifact they describe instead.
+    loop_processor._PROJECT_LOG_DIR = Path(out_dir) / "gptq-logs"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPTQModel.load(str(model_dir), QuantizeConfig(bits=bits, group_size=group_size), device=device)
     model.quantize(calibration, tokenizer=AutoTokenizer.from_pretrained(model_dir))

@@ -38,10 +38,40 @@ def in_subprocess(home, code: str) -> str:
 def test_summary_table_and_next_commands_are_printed(first_run):
     _, out, _ = first_run
     assert "Candidates (dataset" in out
-    for word in ("torchao-int8-dyn", "none", "plain", "draft", "exact match", "tok/s", "size MB", "chosen"):
+    for word in ("torchao-int8-dyn", "none", "plain", "draft", "exact match", "field F1", "ppl", "tok/s", "TTFT ms",
+                 "8-stream tok/s", "weights MB", "chosen", "reference: the base model before fine-tuning", "Selection: fastest-within"):
         assert word in out
     assert "smelt models list smelt-micro-embedded" in out and "smelt up" in out and "smelt serve smelt-micro-embedded" in out
     assert "MLflow run " in out and "challenger v" in out
+
+
+def test_evaluation_report_with_pictures_is_in_mlflow_and_names_why_each_candidate_was_chosen(first_run):
+    home, _, _ = first_run
+    got = json.loads(in_subprocess(home, """
+import json, pathlib, mlflow
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+champ = c.get_model_version_by_alias('smelt-micro-embedded', 'champion')
+parent = c.get_run(champ.run_id).data.tags['mlflow.parentRunId']
+files = sorted(f.path for f in c.list_artifacts(parent, 'evaluation'))
+local = pathlib.Path(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path='evaluation'))
+report = json.loads((local / 'evaluation.json').read_text())
+versions = c.search_model_versions("name = 'smelt-micro-embedded'")
+print(json.dumps({"files": files, "report": report, "png_bytes": [(local / p).read_bytes()[:4].hex() for p in
+                  ('accuracy_vs_speed.png', 'latency.png')], "selection_tags": [v.tags.get('smelt.selection') for v in versions]}))
+"""))
+    assert got["files"] == ["evaluation/accuracy_vs_speed.png", "evaluation/evaluation.json", "evaluation/evaluation.md",
+                            "evaluation/latency.png"]
+    assert got["png_bytes"] == ["89504e47", "89504e47"]  # real PNG files
+    report = got["report"]
+    assert report["base"]["candidate"].startswith("base-plain-") and report["base"]["perplexity"] > 0
+    for cand in report["candidates"]:
+        for key in ("exact_match", "field_f1", "perplexity", "ttft_s", "decode_tokens_per_s", "latency_p95_s",
+                    "concurrent_tokens_per_s", "peak_memory_bytes", "weight_bytes", "bandwidth_share", "load_s"):
+            assert cand[key] is not None and cand[key] >= 0, (key, cand[key])
+    chosen = report["selection"]["chosen"]
+    assert report["selection"]["reasons"][chosen].startswith("chosen:")
+    assert all(t and t.split(":")[0] in ("chosen", "accepted, not chosen", "rejected") for t in got["selection_tags"])
 
 
 def test_registry_holds_versions_with_challenger_champion_and_lineage(first_run):

@@ -1,22 +1,9 @@
 from tasks.config import RegistryConfig
-from tasks.register import select_challenger, version_tags
-
-CFG = RegistryConfig(accuracy_tolerance=0.02, speed_margin=0.10, min_accuracy_gain_to_trade_speed=0.02)
+from tasks.register import version_tags
 
 
 def report(em, tps, fa=0.5):
     return {"exact_match": em, "tokens_per_s": tps, "field_accuracy": fa}
-
-
-def test_challenger_is_the_fastest_within_the_accuracy_margin():
-    reports = [report(0.90, 100), report(0.89, 300), report(0.70, 900)]
-    d = select_challenger(reports, CFG)
-    assert d.chosen == 1
-    assert d.reasons[0].startswith("slower") and d.reasons[2].startswith("exact match 70.0% below")
-
-
-def test_challenger_is_the_most_accurate_when_the_fast_one_is_worse():
-    assert select_challenger([report(0.90, 100), report(0.50, 900)], CFG).chosen == 0
 
 
 def test_version_tags_carry_lineage_identity_and_gate_numbers():

@@ -1,0 +1,84 @@
+"""Speed and memory measurements shared by evaluation: memory bandwidth of this machine, peak
+memory while a candidate runs, and aggregate throughput under concurrent requests."""
+from __future__ import annotations
+
+import threading
+import time
+from functools import lru_cache
+
+import psutil
+import torch
+
+from models.candidate import Candidate
+from models.decoding import Generation, SamplingParams
+from serving.config import ServeConfig
+from serving.engine import Engine
+
+
+@lru_cache(maxsize=None)
+def memory_bandwidth(device_type: str = "cpu", mib: int = 256, repeats: int = 5) -> float:
+    """Bytes/s this device moves in a large tensor copy (read + write), best of `repeats`.
+
+    A decode step must read every weight once, so weight bytes x tokens/s divided by this is the
+    share of the memory roofline a candidate reaches."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32, device=device_type)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+class PeakMemory:
+    """Peak memory a block adds: sampled process RSS on the CPU, the allocator's peak on CUDA."""
+
+    def __init__(self, device: torch.device, every_s: float = 0.005):
+        self.device, self.every_s = device, every_s
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        self.proc = psutil.Process()
+        self.start = self.proc.memory_info().rss
+        self.high = self.start
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.cuda_start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def sample(self) -> None:
+        while not self.stop.wait(self.every_s):
+            self.high = max(self.high, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.high = max(self.high, self.proc.memory_info().rss)
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.cuda_start
+        else:
+            self.peak_bytes = self.high - self.start
+
+
+def concurrent_throughput(candidate: Candidate, prompt_texts: list[str], max_new_tokens: int, streams: int = 8) -> dict:
+    """Aggregate new tokens/s when `streams` requests arrive together, served by the service's own
+    engine (it batches what the candidate's strategy allows and queues the rest)."""
+    engine = Engine(candidate, ServeConfig(max_batch_size=streams, batch_wait_ms=50.0))
+    try:
+        texts = [prompt_texts[i % len(prompt_texts)] for i in range(streams)]
+        t0 = time.perf_counter()
+        jobs = [engine.submit(t, SamplingParams(max_new_tokens)) for t in texts]
+        gens: list[Generation] = [j.future.result(timeout=600) for j in jobs]
+        seconds = time.perf_counter() - t0
+    finally:
+        engine.close()
+    return {"concurrent_streams": streams, "concurrent_tokens_per_s": sum(g.new_tokens for g in gens) / seconds}
