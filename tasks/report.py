@@ -121,15 +121,17 @@ def plot_accuracy_vs_speed(reports: list[dict], base: dict | None, selection: di
     plt.close(fig)
 
 
-def plot_latency(reports: list[dict], path: Path) -> None:
+def plot_latency(reports: list[dict], base: dict | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(reports) + 1.5))
-    ax.boxplot([r["latencies_s"] for r in reports], vert=False, showfliers=True)
-    ax.set_yticks(range(1, len(reports) + 1), [f"{r['quant_method']}/{r['strategy']}" for r in reports], fontsize=8)
+    shown = reports + ([base] if base else [])
+    labels = [f"{r['quant_method']}/{r['strategy']}" for r in reports] + (["base model (reference)"] if base else [])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(shown) + 1.5))
+    ax.boxplot([r["latencies_s"] for r in shown], vert=False, showfliers=True)
+    ax.set_yticks(range(1, len(shown) + 1), labels, fontsize=8)
     ax.set_xlabel("request latency, s (batch 1, eval prompts)")
     ax.set_title("Latency distribution per candidate")
     fig.tight_layout()
@@ -143,7 +145,7 @@ def write_evaluation_report(reports: list[dict], base: dict | None, selection: d
         write_json(tmp / "evaluation.json", {"candidates": reports, "base": base, "selection": selection, "registry": registry})
         (tmp / "evaluation.md").write_text(evaluation_markdown(reports, base, selection, registry))
         plot_accuracy_vs_speed(reports, base, selection, tmp / "accuracy_vs_speed.png")
-        plot_latency(reports + ([base] if base else []), tmp / "latency.png")
+        plot_latency(reports, base, tmp / "latency.png")
     return out
 
 

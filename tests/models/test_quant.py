@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -134,3 +135,15 @@ def test_unknown_method_is_refused_with_the_known_ones():
 def test_every_method_runs_on_this_cpu():
     # This machine has AVX-512 and torch's CPU int4 kernels: nothing may be refused here.
     assert supported_methods(torch.device("cpu")) == list(BACKENDS)
+
+
+def test_a_method_the_cpu_cannot_run_is_refused_with_the_reason_and_the_alternatives():
+    # ATEN_CPU_CAPABILITY=default makes torch report a CPU without AVX2, where bitsandbytes' CPU backend cannot run.
+    code = ("import torch; from models.quant import check_supported\n"
+            "try:\n    check_supported('bnb-nf4', torch.device('cpu'))\nexcept ValueError as e:\n    print(e)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    msg = proc.stdout.strip().splitlines()[-1]
+    assert msg.startswith("quantization method 'bnb-nf4' cannot run on cpu: bitsandbytes on the CPU needs AVX2")
+    assert "methods that can: ['none', 'gptq-int4'" in msg and "bnb-int8" not in msg.split("methods that can:")[1]
