@@ -69,6 +69,8 @@ class RegistryConfig(StrictModel):
         None, description="MLflow tracking server or store, e.g. http://mlflow:5000; default $MLFLOW_TRACKING_URI, "
                           "else SQLite under SMELT_HOME.",
     )
+    gate_metric: Literal["exact_match", "field_f1", "field_accuracy"] = Field(
+        "exact_match", description="Accuracy the promotion gate compares with the champion's (same eval split).")
     accuracy_tolerance: float = Field(0.02, ge=0, le=1, description="A challenger may be this much less accurate than the champion.")
     speed_margin: float = Field(0.10, ge=0, le=1, description="A challenger may be this fraction slower than the champion.")
 

@@ -52,20 +52,21 @@ def gate(challenger: dict, champion: dict | None, cfg: RegistryConfig) -> tuple[
     """Challenger replaces champion only if not less accurate (minus tolerance) and not much slower."""
     if champion is None:
         return True, "no champion yet"
-    acc_floor = champion["exact_match"] - cfg.accuracy_tolerance
+    m, label = cfg.gate_metric, cfg.gate_metric.replace("_", " ")
+    acc_floor = champion[m] - cfg.accuracy_tolerance
     speed_floor = champion["tokens_per_s"] * (1 - cfg.speed_margin)
-    if challenger["exact_match"] < acc_floor:
-        return False, f"exact match {challenger['exact_match']:.3f} < champion {champion['exact_match']:.3f} - tolerance {cfg.accuracy_tolerance}"
+    if challenger[m] < acc_floor:
+        return False, f"{label} {challenger[m]:.3f} < champion {champion[m]:.3f} - tolerance {cfg.accuracy_tolerance}"
     if challenger["tokens_per_s"] < speed_floor:
         return False, f"{challenger['tokens_per_s']:.1f} tok/s < champion {champion['tokens_per_s']:.1f} x (1 - {cfg.speed_margin})"
-    return True, (f"exact match {challenger['exact_match']:.3f} >= {acc_floor:.3f} and "
+    return True, (f"{label} {challenger[m]:.3f} >= {acc_floor:.3f} and "
                   f"{challenger['tokens_per_s']:.1f} tok/s >= {speed_floor:.1f}")
 
 
-def version_metrics(version) -> dict | None:
+def version_metrics(version, metric: str = "exact_match") -> dict | None:
     """The gate's numbers as recorded on a model version by the register stage (None if absent)."""
     try:
-        return {"exact_match": float(version.tags["smelt.exact_match"]),
+        return {metric: float(version.tags[f"smelt.{metric}"]),
                 "tokens_per_s": float(version.tags["smelt.tokens_per_s"]),
                 "eval_split": version.tags.get("smelt.eval_split")}
     except (KeyError, ValueError):
@@ -174,12 +175,13 @@ def set_champion_steps(client: MlflowClient, name: str, version: str, history: l
 
 def decide(challenger, champion, cfg: RegistryConfig, champion_metrics: dict | None) -> tuple[bool, str, dict]:
     """Run the gate on recorded (or freshly measured) numbers; refuse when they are not comparable."""
-    mine = version_metrics(challenger)
+    mine = version_metrics(challenger, cfg.gate_metric)
     if mine is None:
-        return False, f"version {challenger.version} has no recorded exact match / tokens/s (not registered by smelt?)", {}
+        return False, (f"version {challenger.version} has no recorded {cfg.gate_metric} / tokens/s "
+                       "(not registered by smelt, or by an older smelt?)"), {}
     if champion is None:
         return True, "no champion yet", {"challenger": mine}
-    theirs = champion_metrics or version_metrics(champion)
+    theirs = champion_metrics or version_metrics(champion, cfg.gate_metric)
     if theirs is None:
         return False, f"champion v{champion.version} has no recorded metrics to compare with", {"challenger": mine}
     if theirs.get("eval_split") != mine.get("eval_split"):

@@ -100,7 +100,7 @@ def champion_on_split(client: MlflowClient, name: str, dataset: DatasetVersion, 
     Returns None when the recorded numbers already apply (or there is no champion).
     """
     champ = current_champion(client, name)
-    recorded = version_metrics(champ) if champ is not None else None
+    recorded = version_metrics(champ, cfg.registry.gate_metric) if champ is not None else None
     split = eval_split_key(dataset, cfg.eval)
     if champ is None or recorded is None or recorded["eval_split"] == split:
         return None
@@ -108,7 +108,8 @@ def champion_on_split(client: MlflowClient, name: str, dataset: DatasetVersion, 
     with tempfile.TemporaryDirectory(prefix="smelt-champion-") as tmp:
         cand = local if (local / "recipe.json").exists() else download_candidate(name, champ.version, Path(tmp))
         report = evaluate_candidate(cand, dataset, cfg.eval, home)
-    return {"exact_match": report["exact_match"], "tokens_per_s": report["tokens_per_s"], "eval_split": split,
+    metric = cfg.registry.gate_metric
+    return {metric: report[metric], "tokens_per_s": report["tokens_per_s"], "eval_split": split,
             "reevaluated_version": str(champ.version)}
 
 

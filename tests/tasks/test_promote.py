@@ -53,6 +53,18 @@ def test_gate_numbers():
     assert not ok and "150.0 tok/s < champion 200.0" in why
 
 
+def test_the_gate_compares_the_configured_accuracy_metric(registry):
+    client, add, home = registry
+    f1 = RegistryConfig(accuracy_tolerance=0.02, speed_margin=0.10, gate_metric="field_f1")
+    v1, v2 = add(0.0, 200.0), add(0.0, 220.0)  # exact match 0 for both: only field F1 tells them apart
+    for version, value in ((v1, 0.60), (v2, 0.30)):
+        client.set_model_version_tag(NAME, version, "smelt.field_f1", str(value))
+    assert promote(client, NAME, v1, f1, home).promoted
+    refused = promote(client, NAME, v2, f1, home)
+    assert not refused.promoted and "field f1 0.300 < champion 0.600" in refused.reason
+    assert promote(client, NAME, v2, CFG, home).promoted  # on exact match (0 = 0) the faster one passes
+
+
 def test_gate_refuses_a_worse_challenger_and_accepts_a_better_one(registry):
     client, add, home = registry
     v1, worse, slower, better = add(0.80, 200.0), add(0.60, 900.0), add(0.95, 100.0), add(0.85, 210.0)
