@@ -63,10 +63,6 @@ def field_scores(predicted: str, expected: str) -> tuple[float, float]:
     return recall, (2 * precision * recall / (precision + recall) if hits else 0.0)
 
 
-def field_accuracy(predicted: str, expected: str) -> float:
-    return field_scores(predicted, expected)[0]
-
-
 def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 

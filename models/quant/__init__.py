@@ -10,6 +10,7 @@ artifact, so loading never guesses them from a file name.
 from __future__ import annotations
 
 import importlib
+import shutil
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -45,12 +46,21 @@ def method_settings(method: str, cfg: QuantConfig | None = None) -> dict:
     """The settings a method runs with: its fixed ones plus the configurable ones it uses."""
     cfg = cfg or QuantConfig()
     fixed = dict(BACKENDS[method][1])
-    module = BACKENDS[method][0]
-    if module in ("models.quant.gptq",) or fixed.get("scheme") == "int4-wo":
+    if method.startswith("gptq-") or method == "torchao-int4-wo":
         fixed["group_size"] = cfg.group_size
-    if module == "models.quant.bnb" and fixed["scheme"] == "nf4":
+    if method == "bnb-nf4":
         fixed["double_quant"] = cfg.bnb_double_quant
     return fixed
+
+
+def save_companions(model_dir: Path, out_dir: Path) -> None:
+    """What travels beside quantized weights: the tokenizer with the chat template training
+    recorded (a backend may have rewritten it), and the embedded build record if there is one."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    if (Path(model_dir) / "smelt_build.json").exists():
+        shutil.copy2(Path(model_dir) / "smelt_build.json", Path(out_dir) / "smelt_build.json")
 
 
 def unsupported_reason(method: str, device: torch.device) -> str | None:

@@ -6,11 +6,12 @@ Quantized on load by transformers and saved serialised (bitsandbytes 0.50 saves 
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+from models.quant import save_companions
 
 
 def unsupported_reason(device: torch.device, scheme: str, **_) -> str | None:
@@ -51,9 +52,7 @@ def quantize(model_dir: Path, out_dir: Path, calibration: list[str], scheme: str
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config(scheme, double_quant),
                                                  device_map=device, use_safetensors=True)
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
-    if (model_dir / "smelt_build.json").exists():
-        shutil.copy2(model_dir / "smelt_build.json", out_dir / "smelt_build.json")
+    save_companions(model_dir, out_dir)
     return {}
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from models.quant import save_companions
+
 # GPTQModel's loader asks for 2 CPU workers and fails on a 2-core machine unless told it may
 # (shared FACTS.md); only set when the user has not chosen.
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
@@ -39,8 +41,7 @@ def quantize(model_dir: Path, out_dir: Path, calibration: list[str], bits: int, 
     model = GPTQModel.load(str(model_dir), QuantizeConfig(bits=bits, group_size=group_size), device=device)
     model.quantize(calibration, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     model.save(str(out_dir))
-    # GPTQModel may rewrite the tokenizer (pad token); ship the one training recorded, chat template included.
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    save_companions(model_dir, out_dir)  # GPTQModel may rewrite the tokenizer (pad token)
     return {}
 
 

@@ -13,7 +13,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
+from transformers import AutoModelForCausalLM, TorchAoConfig
+
+from models.quant import save_companions
 
 
 def _int8_config(scheme: str):
@@ -66,10 +68,7 @@ def quantize(model_dir: Path, out_dir: Path, calibration: list[str], scheme: str
         model_dir, quantization_config=TorchAoConfig(_int8_config(scheme)), use_safetensors=True
     )
     model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
-    for extra in ("smelt_build.json",):
-        if (model_dir / extra).exists():
-            shutil.copy2(model_dir / extra, out_dir / extra)
+    save_companions(model_dir, out_dir)
     return {}
 
 
