@@ -1,6 +1,7 @@
 """`smelt` command line. Configures SMELT_HOME before Prefect, MLflow or BentoML is imported."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -257,6 +258,51 @@ def deploy(
         console.print(f"deployed [bold]{name}[/bold]")
     console.print(f"New data: `uv run smelt data add FILE.jsonl -c {config}` (or drop files into "
                   f"{watched_folder(cfg.orchestration, home)} while `smelt data watch` runs) starts a retrain.")
+
+
+@data_app.command("ingest")
+def data_ingest(
+    paths: list[str] = typer.Argument(..., help="Files, folders or fsspec URIs (s3://bucket/prefix) to ingest; the "
+                                                "preset's own sources are replaced by these."),
+    fmt: str = typer.Option("auto", "--format", "-f", help="jsonl, json, csv, tsv, parquet, hf (a save_to_disk folder) or "
+                                                          "text; auto: from the suffix."),
+    schema: str = typer.Option("auto", "--schema", "-s", help="Record shape: prompt-completion, alpaca, chat, sharegpt or "
+                                                             "text; auto: detected per file."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Other config overrides, e.g. --set etl.near_dedup=true "
+                                                                    "--set etl.task_runner=dask (repeatable)."),
+    config: str = typer.Option("tiny-cpu", "--config", "-c", help="Preset whose tokenizer, chat template and length limit apply."),
+) -> None:
+    """Run the ETL stage alone: validate, normalise, deduplicate, check contamination, split and version the data.
+
+    Prints the version id and every count; bad rows are quarantined with file, line and reason, and
+    the data report goes to the Prefect run and to MLflow. Ingesting the same input again is free.
+    """
+    home = configure_environment()
+    quiet_library_logs()
+    cfg = load_or_exit(config, [f"etl.sources={json.dumps(paths)}", f"etl.format={fmt}", f"etl.record_shape={schema}",
+                                *(overrides or [])])
+    use_running_prefect(home)
+    from flows.pipeline import etl
+    from tasks.data.formats import DataError
+
+    try:
+        result = etl(cfg)
+    except DataError as err:
+        fail(f"smelt data ingest: {err}", 2)
+    print_data_summary(result)
+
+
+def print_data_summary(result: dict) -> None:
+    from tasks.report import COUNT_LABELS
+
+    c = result["counts"]
+    table = Table(title=f"Dataset {result['dataset']}")
+    for _, header in COUNT_LABELS:
+        table.add_column(header)
+    table.add_row(*[str(c.get(k, 0)) for k, _ in COUNT_LABELS])
+    console.print(table)
+    console.print(f"written to {result['path']} (train.parquet, eval.parquet, manifest.json, quarantine.jsonl, removed.jsonl, "
+                  f"lengths.png); MLflow run {result['mlflow_run_id']}")
 
 
 @data_app.command("add")

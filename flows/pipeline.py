@@ -1,16 +1,19 @@
 """The pipeline flow: etl -> train -> quantize -> evaluate -> register -> package. Wiring only."""
 from __future__ import annotations
 
-from prefect import flow
+import os
+
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.env import smelt_home
-from tasks.config import PipelineConfig, with_watched_data
-from tasks.etl import etl_task
+from tasks.config import EtlConfig, PipelineConfig, with_watched_data
+from tasks.etl import DatasetVersion, ingest_shard_task, merge_task, plan_task, prepare_tokenizer_task
 from tasks.evaluate import build_candidates_task, build_reference_task, evaluate_task
 from tasks.package import package_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task
-from tasks.report import report_data_task, report_results_task
+from tasks.report import log_dataset_task, report_data_task, report_results_task
 from tasks.select import select_task
 from tasks.tracking import close_run_task, fail_flow_runs, open_run_task, track_stages_task
 from tasks.train import prepare_models_task, train_draft_task, train_lora_task
@@ -25,9 +28,10 @@ def mark_tracking_failed(flow, flow_run, state) -> None:
       on_failure=[mark_tracking_failed], on_crashed=[mark_tracking_failed])
 def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     home = str(smelt_home())
-    dataset = etl_task(config.etl, home)
+    dataset = ingest(config, home)
     report_data_task(config.preset, dataset)
     run = open_run_task(config, dataset, home)
+    log_dataset_task(config, run, dataset, home)
     base, draft_init = prepare_models_task(config.model, home, config.train.device)
     finetuned = train_lora_task(base, dataset, config.train, config.model, home)
     draft = train_draft_task(finetuned, draft_init, dataset, config.train, home)
@@ -46,12 +50,39 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             "selection": selection, "registry": registry, "bento": bento, "mlflow_run_id": run, "report_dir": report_dir}
 
 
+def shard_runner(cfg: EtlConfig):
+    """Where the shard tasks run: threads here, or a Dask cluster (an existing one, or a local one)."""
+    if cfg.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.dask_address:
+            return DaskTaskRunner(address=cfg.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=max(1, min(4, os.cpu_count() or 1)))
+
+
+@flow(name="smelt-ingest", flow_run_name="ingest-{config.preset}", log_prints=True)
+def ingest_shards(config: PipelineConfig, tokenizer: str, home: str) -> DatasetVersion:
+    """Plan, one mapped task per shard, merge."""
+    plan = plan_task(config.etl, tokenizer, config.model.chat_template, home)
+    parts = ingest_shard_task.map(plan.shards, range(len(plan.shards)), unmapped(plan), unmapped(config.etl))
+    return merge_task(plan, parts, config.etl)
+
+
+def ingest(config: PipelineConfig, home: str) -> DatasetVersion:
+    tokenizer = prepare_tokenizer_task(config.model, home)
+    return ingest_shards.with_options(task_runner=shard_runner(config.etl))(config, tokenizer, home)
+
+
 @flow(name="smelt-etl", flow_run_name="{config.preset}-etl", log_prints=True)
 def etl(config: PipelineConfig = PipelineConfig()) -> dict:
     """ETL alone: validate, deduplicate and version the data; the data report is the run's artifact."""
-    dataset = etl_task(config.etl, str(smelt_home()))
+    home = str(smelt_home())
+    dataset = ingest(config, home)
     report_data_task(config.preset, dataset)
-    return {"dataset": dataset.version, "counts": dataset.counts}
+    mlflow_run = log_dataset_task(config, None, dataset, home)
+    return {"mlflow_run_id": mlflow_run, "dataset": dataset.version, "counts": dataset.counts, "path": str(dataset.path)}
 
 
 @flow(name="smelt-retrain", flow_run_name="{config.preset}-retrain", log_prints=True)

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import atomic_dir, read_json, write_json
-from models.chat import render_prompt
+from models.chat import render_context
 from models.config import DecodeConfig
 from models.decoding import Generation, SamplingParams, draft_agreement, generate_batch, generate_text, strategy_kwargs
 from models.quant import load_quantized, quant_method
@@ -65,9 +65,10 @@ class Candidate:
     draft: torch.nn.Module | None
     recipe: dict
 
-    def generate(self, prompt: str, max_new_tokens: int | None = None) -> Generation:
-        """Answer one user prompt, rendered with the chat template stored at training time (greedy)."""
-        return self.complete(render_prompt(self.tokenizer, prompt), SamplingParams(max_new_tokens or self.recipe["max_new_tokens"]))
+    def generate(self, prompt: str | list[dict], max_new_tokens: int | None = None) -> Generation:
+        """Answer a user prompt (or a conversation so far), rendered with the chat template stored at
+        training time (greedy)."""
+        return self.complete(render_context(self.tokenizer, prompt), SamplingParams(max_new_tokens or self.recipe["max_new_tokens"]))
 
     def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
         """Continue already-rendered text with this candidate's decoding strategy."""
@@ -89,13 +90,13 @@ class Candidate:
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
-    def draft_acceptance(self, prompts: list[str], outputs: list[Generation]) -> float | None:
+    def draft_acceptance(self, prompts: list[str | list[dict]], outputs: list[Generation]) -> float | None:
         """Share of the target's greedy tokens the draft agrees with (None without a draft)."""
         if self.draft is None:
             return None
         agree = total = 0
         for prompt, out in zip(prompts, outputs):
-            prompt_ids = self.tokenizer(render_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            prompt_ids = self.tokenizer(render_context(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
             a, t = draft_agreement(out.token_ids, prompt_ids, self.draft)
             agree, total = agree + a, total + t
         return agree / total if total else None

@@ -38,12 +38,33 @@ def render_full(tokenizer, prompt: str, completion: str) -> str:
     )
 
 
-def tokenize_example(tokenizer, prompt: str, completion: str, max_len: int) -> Example:
-    """Tokenize prompt+completion with the chat template; mask the prompt out of the loss."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(render_full(tokenizer, prompt, completion), add_special_tokens=False)["input_ids"]
+def render_context(tokenizer, context: str | list[dict]) -> str:
+    """A bare prompt (one user message) or a conversation so far, ready for the assistant's answer."""
+    return render_prompt(tokenizer, context) if isinstance(context, str) else render_messages(tokenizer, context)
+
+
+def row_messages(row: dict) -> list[dict]:
+    """A dataset row's conversation: its canonical `messages`, or a {prompt, completion} pair."""
+    if "messages" in row:
+        return list(row["messages"])
+    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+
+
+def row_context(row: dict) -> list[dict]:
+    """What a model is given to produce the row's answer: every message before the last."""
+    return row_messages(row)[:-1]
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_len: int) -> Example:
+    """Tokenize a conversation with the chat template; loss only on the final answer (the rest is -100)."""
+    prompt_ids = tokenizer(render_messages(tokenizer, messages[:-1]), add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError("the chat template's generation prompt is not a prefix of the full conversation")
     full_ids = full_ids[:max_len]
     labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
     return Example(input_ids=full_ids, labels=labels[:max_len])
+
+
+def tokenize_example(tokenizer, prompt: str, completion: str, max_len: int) -> Example:
+    return tokenize_conversation(tokenizer, row_messages({"prompt": prompt, "completion": completion}), max_len)

@@ -102,22 +102,45 @@ def read_extra_texts(files: list[Path]) -> list[str]:
     return [line for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def embedded_key(cfg: EmbeddedBuildConfig, root: Path) -> str:
+    """Content address of an embedded build: its config and the extra tokenizer files' text."""
+    extra_files = [p if p.is_absolute() else root / p for p in map(Path, cfg.tokenizer_extra_files)]
+    return digest("embedded-v2", cfg, digest(read_extra_texts(extra_files)))
+
+
+def pretraining_texts(cfg: EmbeddedBuildConfig) -> list[str]:
+    texts = collect_docstrings(cfg.corpus_max_chars)
+    random.Random(cfg.seed).shuffle(texts)
+    return texts
+
+
+def build_embedded_tokenizer(cfg: EmbeddedBuildConfig, home: Path, root: Path) -> Path:
+    """Build (or reuse) the embedded BPE tokenizer alone: seconds, so ETL can count tokens before
+    the base is pretrained. The base built later loads this very tokenizer."""
+    out = home / "models" / f"tokenizer-{embedded_key(cfg, root)}"
+    if out.exists():
+        return out
+    extra_files = [p if p.is_absolute() else root / p for p in map(Path, cfg.tokenizer_extra_files)]
+    texts = pretraining_texts(cfg)
+    # Task words enter the vocabulary: a real tokenizer's corpus covers the domain it will see.
+    tokenizer = train_tokenizer(texts + read_extra_texts(extra_files), cfg.vocab_size)
+    log.info("tokenizer: %d tokens from %d docstrings", len(tokenizer), len(texts))
+    with atomic_dir(out) as tmp:
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
 def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, root: Path) -> tuple[Path, Path]:
     """Build (or reuse) the tokenizer + pretrained base and an untrained same-tokenizer draft.
 
     Returns (base_dir, draft_init_dir), both content-addressed by `cfg` and the extra files' content.
     """
-    extra_files = [p if p.is_absolute() else root / p for p in map(Path, cfg.tokenizer_extra_files)]
-    extra = read_extra_texts(extra_files)
-    key = digest("embedded-v2", cfg, digest(extra))
+    key = embedded_key(cfg, root)
     base_dir, draft_dir = home / "models" / f"base-{key}", home / "models" / f"draft-init-{key}"
     if base_dir.exists() and draft_dir.exists():
         return base_dir, draft_dir
-    texts = collect_docstrings(cfg.corpus_max_chars)
-    random.Random(cfg.seed).shuffle(texts)
-    # Task words enter the vocabulary: a real tokenizer's corpus covers the domain it will see.
-    tokenizer = train_tokenizer(texts + extra, cfg.vocab_size)
-    log.info("tokenizer: %d tokens from %d docstrings", len(tokenizer), len(texts))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(build_embedded_tokenizer(cfg, home, root))
+    texts = pretraining_texts(cfg)
     base = new_llama(cfg.base, tokenizer, cfg.seed)
     blocks = TokenBlocks.from_texts(texts, tokenizer, cfg.pretrain_seq_len, cfg.pretrain_copy_every, cfg.seed)
     stats = fit_causal_lm(

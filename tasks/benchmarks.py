@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from models.chat import render_full, render_prompt
+from models.chat import render_context, render_full, row_context
 
 EMBEDDED_TASK = "smelt-embedded"
 BATCH_SIZE = 8
@@ -64,13 +64,13 @@ def run_lm_eval(model, tokenizer, task_names: list[str], eval_rows: list[dict], 
 def write_embedded_task(tokenizer, rows: list[dict], workdir: Path, max_gen_toks: int | None) -> Path:
     """Write the eval rows (with their rendered prompts) and the smelt-embedded task YAML; returns the task folder.
 
-    The prompt is rendered here, in Python, with the same `render_prompt` serving uses, so the YAML only
+    The prompt is rendered here, in Python, with the same chat rendering serving uses, so the YAML only
     reads a field and lm-eval never formats a prompt of its own.
     """
     task_dir = workdir / "lm-eval-tasks"  # its own folder: lm-eval indexes every YAML under an include path
     task_dir.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"prompt": r["prompt"], "completion": r["completion"],
-                         "rendered_prompt": render_prompt(tokenizer, r["prompt"])}) for r in rows]
+                         "rendered_prompt": render_context(tokenizer, row_context(r))}) for r in rows]
     text = "\n".join(lines) + "\n"
     # Named by content: datasets knows a cached local file by path and modification time, not content.
     data_file = task_dir / f"rows-{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"

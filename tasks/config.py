@@ -12,6 +12,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models.config import DecodeConfig, Device, ModelConfig, QuantConfig, StrictModel, TrainConfig
+from tasks.data.formats import Format
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "infra" / "configs"
@@ -19,12 +20,32 @@ DEFAULT_PRESET = "tiny-cpu"
 
 
 class EtlConfig(StrictModel):
+    """Dataset ETL: which inputs, how to read them, and what counts as a usable row."""
+
     sources: list[str] = Field(
         default_factory=lambda: ["data/orders.jsonl"],
-        description="JSONL files of {prompt, completion} rows, or folders of them; relative paths resolve from the repo root.",
+        description="Files, folders or fsspec URIs (s3://..., gs://...): JSONL, JSON arrays, CSV/TSV, Parquet, `datasets` "
+                    "folders (save_to_disk) or plain text, compressed or not; relative paths resolve from the repo root.",
     )
+    format: Format = Field("auto", description="Input format; 'auto' reads it from the file suffix (and sniffs .json).")
+    record_shape: Literal["auto", "prompt-completion", "alpaca", "chat", "sharegpt", "text"] = Field(
+        "auto", description="Record shape; 'auto' detects it per file from the fields (prompt/completion, "
+                            "instruction/input/output, messages, conversations, text). A file mixing shapes is refused.")
+    text_unit: Literal["paragraph", "line", "file"] = Field("paragraph", description="What one record of a plain-text corpus is.")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation, chosen by content hash.")
-    max_prompt_chars: int = Field(2000, ge=1, description="Rows with a longer prompt are quarantined.")
+    max_tokens: int | None = Field(None, ge=8, description="Rows longer than this after the chat template and tokenizer are "
+                                                          "quarantined; None: train.max_seq_len.")
+    near_dedup: bool = Field(False, description="Also drop near-duplicates (MinHash LSH over word 5-grams).")
+    near_dedup_threshold: float = Field(0.85, gt=0, le=1, description="Estimated Jaccard similarity that makes a near-duplicate.")
+    minhash_perms: int = Field(64, ge=16, le=512, description="MinHash permutations (more: finer estimate, slower).")
+    contamination_ngram: int = Field(13, ge=0, description="Training rows sharing a sequence of this many words with an eval "
+                                                           "row are removed from training (0 = only exact matches).")
+    shard_mb: float = Field(64, gt=0, description="Size of the pieces large inputs are cut into; each is one Prefect task.")
+    task_runner: Literal["threads", "dask"] = Field("threads", description="Runner of the shard tasks: threads in this "
+                                                                          "process, or a Dask cluster (prefect-dask).")
+    dask_address: str | None = Field(None, description="Scheduler of an existing Dask cluster (tcp://host:8786); None: "
+                                                       "start a local cluster of dask_workers processes.")
+    dask_workers: int = Field(2, ge=1, description="Worker processes of the local Dask cluster.")
 
     @field_validator("sources")
     @classmethod
@@ -32,6 +53,10 @@ class EtlConfig(StrictModel):
         if not v:
             raise ValueError("sources must list at least one file")
         return v
+
+    def version_fields(self) -> dict:
+        """The settings that change the dataset (how shards are run does not)."""
+        return self.model_dump(exclude={"task_runner", "dask_address", "dask_workers"})
 
 
 class EvalConfig(StrictModel):
@@ -108,6 +133,16 @@ class PipelineConfig(StrictModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     package: PackageConfig = Field(default_factory=PackageConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="after")
+    def _rows_fit_training(self) -> "PipelineConfig":
+        # A row longer than training's window would be cut, silently losing its answer.
+        if self.etl.max_tokens is None:
+            self.etl.max_tokens = self.train.max_seq_len
+        elif self.etl.max_tokens > self.train.max_seq_len:
+            raise ValueError(f"etl.max_tokens ({self.etl.max_tokens}) is over train.max_seq_len ({self.train.max_seq_len}): "
+                             "longer rows would be truncated in training; lower etl.max_tokens or raise train.max_seq_len")
+        return self
 
     @model_validator(mode="after")
     def _reference_is_built(self) -> "PipelineConfig":

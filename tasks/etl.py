@@ -1,32 +1,62 @@
-"""Dataset ETL: JSONL {prompt, completion} rows in; a versioned, validated dataset out.
+"""Dataset ETL: files in any common format and record shape in; a versioned, validated dataset out.
 
-Guarantees: a bad file stops the run with its name; a bad row goes to quarantine.jsonl with
-file, line and reason; rows_in = kept + quarantined + duplicates; the split follows from each
-row's content hash (appending data never moves an old row); output is written atomically.
+Three steps, each a plain function with a thin Prefect task:
+1. `plan_ingest`: expand the sources, hash them and cut large ones into shards; the version id
+   is a hash of the inputs (content and path), the ETL config and the tokenizer. A version that
+   already exists is returned at once.
+2. `ingest_shard` (one mapped task per shard, so a Dask runner spreads them over a cluster):
+   read, normalise, map each record to the canonical chat form, count tokens with the preset's
+   chat template, and write valid rows to a Parquet part; bad rows go to quarantine with
+   file, line and reason. Streams: memory is bounded by a batch, not by the file.
+3. `merge_shards`: drop exact (and optionally near) duplicates across all parts, remove
+   training rows that contaminate the eval split, and write train/eval Parquet, the quarantine,
+   the removed rows, a manifest and a length histogram into the version folder, atomically.
+
+Guarantees: a bad file stops the run with its name; rows_in = kept + quarantined + duplicates +
+near_duplicates + contaminated, always; a row's split follows from its content hash, so
+appending data never moves an old row between train and eval.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import unicodedata
+import logging
+import os
+import re
+import shutil
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.artifacts import atomic_dir, digest, file_digest, read_json, write_json
+from models.config import ModelConfig
 from tasks.config import REPO_ROOT, EtlConfig
+from tasks.data.formats import DataError, Shard, SourcePlan, expand_source, plan_source, position_unit, read_records
+from tasks.data.quality import NearDuplicates, fingerprints, in_table, ngram_hashes, row_id, rows_hitting, split_of
+from tasks.data.shapes import RowError, content_text, context_of, detect_shape, to_messages
 
+__all__ = ["DataError", "DatasetVersion", "build_dataset"]
+log = logging.getLogger(__name__)
 
-class DataError(ValueError):
-    """A whole input file cannot be used; the message names it."""
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+ROW_SCHEMA = pa.schema([
+    ("id", pa.string()), ("messages", MESSAGES), ("prompt", pa.string()), ("completion", pa.string()),
+    ("source", pa.string()), ("position", pa.int64()), ("tokens", pa.int32()),
+])
+PART_SCHEMA = ROW_SCHEMA.append(pa.field("split", pa.string()))
+BATCH_ROWS = 2048
 
 
 @dataclass
 class DatasetVersion:
+    """One processed dataset: train/eval Parquet splits of canonical chat rows and a manifest."""
+
     version: str
     path: Path
     counts: dict = field(default_factory=dict)
@@ -34,120 +64,464 @@ class DatasetVersion:
     def rows(self, split: str) -> list[dict]:
         return pq.read_table(self.path / f"{split}.parquet").to_pylist()
 
+    @property
+    def manifest(self) -> dict:
+        return read_json(self.path / "manifest.json")
 
-def resolve_source(source: str) -> Path:
+
+@dataclass
+class IngestPlan:
+    version: str
+    out: Path
+    work: Path
+    sources: list[SourcePlan]
+    tokenizer: str
+    chat_template: str | None
+    done: bool
+
+    @property
+    def shards(self) -> list[Shard]:
+        return [] if self.done else [s for src in self.sources for s in src.shards]
+
+
+# ---- 1. plan ---------------------------------------------------------------------------------
+
+
+def resolve_source(source: str) -> str:
+    if "://" in source:
+        return source
     p = Path(source)
-    return p if p.is_absolute() else REPO_ROOT / p
+    return str(p if p.is_absolute() else REPO_ROOT / p)
 
 
-def expand_sources(sources: list[str]) -> list[Path]:
-    """Files to read: a folder stands for the JSONL files in it (hidden ones, e.g. half-copied temp
-    files, are skipped), in sorted order so the dataset version does not depend on listing order."""
+def expand_sources(cfg: EtlConfig) -> list[tuple[str, str]]:
+    """(uri, format) of every input file. An empty folder adds nothing (a watched folder starts
+    empty); no input at all is an error."""
     out = []
-    for source in sources:
-        p = resolve_source(source)
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*.jsonl") if q.is_file() and not q.name.startswith(".")))
-        else:
-            out.append(p)
+    for source in map(resolve_source, cfg.sources):
+        try:
+            out.extend(expand_source(source, cfg.format))
+        except DataError as e:
+            if "holds no file" not in str(e):
+                raise
+            log.warning("%s", e)
+    if not out:
+        raise DataError(f"no input file in {cfg.sources}")
     return out
 
 
-def normalise(text: str) -> str:
-    return unicodedata.normalize("NFC", text).strip()
+def tokenizer_identity(source: str) -> str:
+    """What the token counts depend on: the tokenizer file's content if local, else its hub id."""
+    tok = Path(source) / "tokenizer.json"
+    return file_digest(tok) if tok.exists() else source
 
 
-def validate_row(obj, max_prompt_chars: int) -> tuple[dict | None, str | None]:
-    """Return (clean_row, None) or (None, reason)."""
-    if not isinstance(obj, dict):
-        return None, f"row is a {type(obj).__name__}, not an object"
-    clean = {}
-    for key in ("prompt", "completion"):
-        value = obj.get(key)
-        if value is None:
-            return None, f"missing field '{key}'"
-        if not isinstance(value, str):
-            return None, f"field '{key}' is {type(value).__name__}, not a string"
-        clean[key] = normalise(value)
-        if not clean[key]:
-            return None, f"field '{key}' is empty"
-    if len(clean["prompt"]) > max_prompt_chars:
-        return None, f"field 'prompt' has {len(clean['prompt'])} chars, over the limit {max_prompt_chars}"
-    return clean, None
-
-
-def read_source(path: Path, max_prompt_chars: int):
-    """Yield (line_no, row, reason, raw) for each non-blank line of a JSONL file."""
-    if not path.exists():
-        raise DataError(f"input file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"input file {path} is not UTF-8 text (byte {e.start})") from None
-    if not any(line.strip() for line in lines):
-        raise DataError(f"input file {path} is empty")
-    for no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield no, None, f"malformed JSON: {e.msg} at column {e.colno}", line
-            continue
-        row, reason = validate_row(obj, max_prompt_chars)
-        yield no, row, reason, line
-
-
-def split_of(row: dict, eval_fraction: float) -> str:
-    # Keyed on the prompt alone: one prompt never sits in both splits, so eval stays uncontaminated.
-    h = int(hashlib.sha256(row["prompt"].encode()).hexdigest()[:8], 16)
-    return "eval" if h / 0xFFFFFFFF < eval_fraction else "train"
-
-
-def build_dataset(cfg: EtlConfig, home: Path) -> DatasetVersion:
-    """Validate, deduplicate and split the sources into a content-addressed dataset version."""
-    paths = expand_sources(cfg.sources)
-    for p in paths:
-        if not p.exists():
-            raise DataError(f"input file {p} does not exist")
-    version = digest("etl-v1", cfg, [file_digest(p) for p in paths])
+def plan_ingest(cfg: EtlConfig, tokenizer: str, chat_template: str | None, home: Path) -> IngestPlan:
+    inputs = expand_sources(cfg)
+    cache = home / "datasets" / ".plans"
+    shard_bytes = max(1, int(cfg.shard_mb * (1 << 20)))
+    sources = [plan_source(uri, fmt, shard_bytes, cache) for uri, fmt in inputs]
+    version = digest("etl-v2", cfg.version_fields(), tokenizer_identity(tokenizer), chat_template,
+                     [(s.uri, s.format, s.sha256) for s in sources])
     out = home / "datasets" / version
-    if out.exists():
-        return DatasetVersion(version, out, read_json(out / "manifest.json")["counts"])
-    splits: dict[str, list[dict]] = {"train": [], "eval": []}
-    quarantine, seen = [], set()
-    counts = {"rows_in": 0, "kept": 0, "quarantined": 0, "duplicates": 0}
-    for p in paths:
-        for no, row, reason, raw in read_source(p, cfg.max_prompt_chars):
-            counts["rows_in"] += 1
-            if reason:
-                counts["quarantined"] += 1
-                quarantine.append({"file": str(p), "line": no, "reason": reason, "raw": raw})
-                continue
-            key = (row["prompt"], row["completion"])
-            if key in seen:
-                counts["duplicates"] += 1
-                continue
-            seen.add(key)
-            counts["kept"] += 1
-            splits[split_of(row, cfg.eval_fraction)].append(row)
-    counts.update(train=len(splits["train"]), eval=len(splits["eval"]))
-    if not splits["train"] or not splits["eval"]:
-        raise DataError(f"after validation the dataset has {counts['train']} train and {counts['eval']} eval rows; both must be non-empty")
-    with atomic_dir(out) as tmp:
-        for name, rows in splits.items():
-            pq.write_table(pa.Table.from_pylist(rows), tmp / f"{name}.parquet")
-        (tmp / "quarantine.jsonl").write_text("".join(json.dumps(q) + "\n" for q in quarantine))
-        write_json(tmp / "manifest.json", {
-            "version": version, "counts": counts, "config": cfg.model_dump(),
-            "sources": [{"path": str(p), "sha256_16": file_digest(p)} for p in paths],
-            "schema": {"prompt": "string", "completion": "string"},
-        })
-    return DatasetVersion(version, out, counts)
+    return IngestPlan(version, out, home / "datasets" / f".work-{version}", sources, tokenizer, chat_template, out.exists())
 
 
-# Not cached by Prefect: the version id already hashes the source files' contents, which an
-# inputs-only cache key would miss when a file changes in place.
-@task(name="etl", cache_policy=NO_CACHE)
-def etl_task(cfg: EtlConfig, home: str) -> DatasetVersion:
-    return build_dataset(cfg, Path(home))
+# ---- 2. one shard ----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(source: str, chat_template: str | None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if chat_template:
+        tok.chat_template = chat_template
+    return tok
+
+
+class ShardWriter:
+    """Buffers canonical rows of one shard, counts their tokens in batches, writes the Parquet part."""
+
+    def __init__(self, shard: Shard, part: Path, quarantine, cfg: EtlConfig, tokenizer):
+        self.shard, self.part, self.quarantine, self.cfg, self.tok = shard, part, quarantine, cfg, tokenizer
+        self.unit = position_unit(shard.format)
+        self.buffer: list[tuple[int, list[dict]]] = []
+        self.writer = pq.ParquetWriter(part, PART_SCHEMA)
+        self.kept = self.quarantined = 0
+        self.split_counts: Counter = Counter()
+
+    def reject(self, position: int, reason: str, record) -> None:
+        self.quarantined += 1
+        entry = {"file": self.shard.source, self.unit: position, "reason": reason, "record": record}
+        self.quarantine.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+
+    def add(self, position: int, messages: list[dict]) -> None:
+        self.buffer.append((position, messages))
+        if len(self.buffer) >= BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        texts = [self.tok.apply_chat_template(m, tokenize=False) for _, m in self.buffer]
+        lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
+        rows = []
+        for (position, messages), n in zip(self.buffer, lengths):
+            if n > self.cfg.max_tokens:
+                self.reject(position, f"{n} tokens with the chat template, over the limit of {self.cfg.max_tokens} "
+                                      "(etl.max_tokens)", messages)
+                continue
+            rows.append(canonical_row(messages, self.shard.source, position, n, self.cfg.eval_fraction))
+        self.kept += len(rows)
+        self.split_counts.update(r["split"] for r in rows)
+        if rows:
+            self.writer.write_table(pa.Table.from_pylist(rows, PART_SCHEMA))
+        self.buffer = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def canonical_row(messages: list[dict], source: str, position: int, tokens: int, eval_fraction: float) -> dict:
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return {"id": row_id(messages), "messages": messages, "prompt": users[-1] if users else "",
+            "completion": messages[-1]["content"], "source": source, "position": position, "tokens": tokens,
+            "split": split_of(messages, eval_fraction)}
+
+
+class ShapeTracker:
+    """The file's record shape: fixed by config, or detected from its first recognisable row;
+    a later row of another shape is a file-level error."""
+
+    def __init__(self, cfg: EtlConfig, shard: Shard):
+        self.fixed = cfg.record_shape != "auto" or shard.format == "text"
+        self.shape = "text" if shard.format == "text" else (None if cfg.record_shape == "auto" else cfg.record_shape)
+        self.first, self.shard, self.unit = None, shard, position_unit(shard.format)
+
+    def of(self, position: int, record) -> str:
+        if self.fixed or not isinstance(record, dict):
+            return self.shape or "prompt-completion"
+        seen = detect_shape(record)
+        if seen is None:
+            raise RowError("no field of a known record shape (prompt/completion, instruction/output, messages, "
+                           "conversations or text)")
+        if self.shape is None:
+            self.shape, self.first = seen, position
+        elif seen != self.shape:
+            raise DataError(f"input file {self.shard.source} mixes record shapes: {self.unit} {self.first} is "
+                            f"{self.shape}, {self.unit} {position} is {seen}; split the file or pass --schema")
+        return self.shape
+
+
+def ingest_shard(shard: Shard, index: int, plan: IngestPlan, cfg: EtlConfig) -> dict:
+    """Validate one shard into `part-NNNNN.parquet` + its quarantine; returns its counts. A part
+    finished before a crash is reused, not redone."""
+    plan.work.mkdir(parents=True, exist_ok=True)
+    stem = plan.work / f"part-{index:05d}"
+    meta = stem.with_suffix(".json")
+    if meta.exists():
+        return read_json(meta)
+    tok = load_tokenizer(plan.tokenizer, plan.chat_template)
+    shapes, rows_in = ShapeTracker(cfg, shard), 0
+    tmp_part, tmp_q = stem.with_suffix(f".parquet.tmp-{os.getpid()}"), stem.with_suffix(f".quarantine.tmp-{os.getpid()}")
+    with open(tmp_q, "w", encoding="utf-8") as quarantine:
+        out = ShardWriter(shard, tmp_part, quarantine, cfg, tok)
+        try:
+            for position, record, error in read_records(shard, cfg.text_unit):
+                rows_in += 1
+                try:
+                    if error:
+                        raise RowError(error)
+                    out.add(position, to_messages(record, shapes.of(position, record)))
+                except RowError as e:
+                    out.reject(position, str(e), record)
+        finally:
+            out.close()
+    os.replace(tmp_part, stem.with_suffix(".parquet"))
+    os.replace(tmp_q, stem.with_suffix(".quarantine.jsonl"))
+    result = {"index": index, "source": shard.source, "format": shard.format, "shape": shapes.shape,
+              "rows_in": rows_in, "quarantined": out.quarantined, "valid": out.kept,
+              "splits": dict(out.split_counts), "worker_pid": os.getpid()}
+    write_json(meta, result)
+    return result
+
+
+# ---- 3. merge --------------------------------------------------------------------------------
+
+
+class Removed:
+    """Rows dropped as duplicates or contamination: counted by kind and written to removed.jsonl."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w", encoding="utf-8")
+        self.counts: Counter = Counter()
+
+    def add(self, kind: str, row: dict, reason: str, with_content: bool = True) -> None:
+        self.counts[kind] += 1
+        entry = {"kind": kind, "file": row["source"], "position": row["position"], "reason": reason}
+        if with_content:
+            entry["messages"] = row["messages"]
+        self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def part_batches(plan: IngestPlan, results: list[dict], columns: list[str] | None = None):
+    """(result, batch) over every part in shard order, streamed."""
+    for r in results:
+        pf = pq.ParquetFile(plan.work / f"part-{r['index']:05d}.parquet")
+        for batch in pf.iter_batches(batch_size=8192, columns=columns):
+            yield r, batch
+
+
+def find_duplicates(plan: IngestPlan, results: list[dict], cfg: EtlConfig, removed: Removed) -> dict[int, np.ndarray]:
+    """Per part, [rows] bool: the row repeats an earlier one, exactly or (optionally) nearly.
+    Memory: one 16-byte id per distinct row (about 100 MB per million rows)."""
+    seen: set[bytes] = set()
+    near = NearDuplicates(cfg.near_dedup_threshold, cfg.minhash_perms) if cfg.near_dedup else None
+    drop = {r["index"]: np.zeros(r["valid"], bool) for r in results}
+    row_no: Counter = Counter()
+    columns = ["id", "source", "position"] + (["messages"] if near else [])
+    for r, batch in part_batches(plan, results, columns):
+        for row in batch.to_pylist():
+            i = row_no[r["index"]]
+            row_no[r["index"]] += 1
+            rid = bytes.fromhex(row["id"])
+            if rid in seen:
+                drop[r["index"]][i] = True
+                removed.add("duplicates", row, f"exact duplicate of row {row['id']}", with_content=False)
+                continue
+            seen.add(rid)
+            if near and (other := near.seen(row["id"], content_text(row["messages"]))):
+                drop[r["index"]][i] = True
+                removed.add("near_duplicates", row, f"near-duplicate (MinHash Jaccard >= {cfg.near_dedup_threshold}) "
+                                                    f"of row {other}")
+    return drop
+
+
+@dataclass
+class EvalIndex:
+    """What contamination is checked against: the eval split's n-grams, texts and prompts,
+    as sorted uint64 hash tables."""
+
+    ngrams: np.ndarray
+    texts: np.ndarray
+    prompts: np.ndarray
+
+
+def index_eval(plan: IngestPlan, results: list[dict], drop: dict, n: int) -> EvalIndex:
+    grams, texts, prompts = [], [], []
+    for table in split_tables(plan, results, drop, "eval"):
+        rows = table.column("messages").to_pylist()
+        whole = [content_text(m) for m in rows]
+        texts.append(fingerprints(whole))
+        prompts.append(fingerprints([content_text(context_of(m)) for m in rows if len(m) > 1]))
+        if n:
+            grams.append(ngram_hashes(whole, n)[0])
+    table_of = lambda parts: np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)  # noqa: E731
+    return EvalIndex(table_of(grams), table_of(texts), table_of(prompts))
+
+
+def split_tables(plan: IngestPlan, results: list[dict], drop: dict[int, np.ndarray], split: str):
+    """Kept rows of one split, part by part, in batches."""
+    offsets: Counter = Counter()
+    for r, batch in part_batches(plan, results):
+        start = offsets[r["index"]]
+        offsets[r["index"]] += batch.num_rows
+        keep = ~drop[r["index"]][start:start + batch.num_rows] & (batch.column("split").to_numpy(zero_copy_only=False) == split)
+        table = pa.Table.from_batches([batch]).filter(pa.array(keep))
+        if table.num_rows:
+            yield table.drop_columns(["split"])
+
+
+def contamination(table: pa.Table, index: EvalIndex, n: int) -> dict[int, str]:
+    """Row number -> reason, for training rows that overlap the eval split."""
+    rows = table.column("messages").to_pylist()
+    whole = [content_text(m) for m in rows]
+    reasons: dict[int, str] = {}
+    if n:
+        hashes, row_of = ngram_hashes(whole, n)
+        for i in rows_hitting(hashes, row_of, index.ngrams):
+            reasons[int(i)] = f"shares a {n}-word sequence with the eval split"
+    for i in np.flatnonzero(in_table(fingerprints([content_text(context_of(m)) for m in rows]), index.prompts)):
+        if len(rows[i]) > 1:
+            reasons[int(i)] = "same prompt as an eval row (up to case and punctuation)"
+    for i in np.flatnonzero(in_table(fingerprints(whole), index.texts)):
+        reasons[int(i)] = "same text as an eval row (up to case and punctuation)"
+    return reasons
+
+
+def write_splits(plan: IngestPlan, results: list[dict], drop: dict, index: EvalIndex, cfg: EtlConfig,
+                 tmp: Path, removed: Removed) -> dict[str, np.ndarray]:
+    """Write train.parquet (contamination removed) and eval.parquet; return each split's token lengths."""
+    lengths: dict[str, list] = {"train": [], "eval": []}
+    for split in ("eval", "train"):
+        with pq.ParquetWriter(tmp / f"{split}.parquet", ROW_SCHEMA) as writer:
+            for table in split_tables(plan, results, drop, split):
+                if split == "train":
+                    reasons = contamination(table, index, cfg.contamination_ngram)
+                    for i, reason in sorted(reasons.items()):
+                        removed.add("contaminated", table.slice(i, 1).to_pylist()[0], reason)
+                    table = table.filter(pa.array([i not in reasons for i in range(table.num_rows)]))
+                writer.write_table(table)
+                lengths[split].append(table.column("tokens").to_numpy())
+    return {k: np.concatenate(v) if v else np.empty(0, np.int32) for k, v in lengths.items()}
+
+
+def length_stats(lengths: np.ndarray) -> dict:
+    if not len(lengths):
+        return {"rows": 0}
+    q = np.percentile(lengths, [50, 90, 99])
+    return {"rows": int(len(lengths)), "total": int(lengths.sum()), "mean": round(float(lengths.mean()), 1),
+            "min": int(lengths.min()), "p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]), "max": int(lengths.max())}
+
+
+def reason_kinds(quarantine: Path, top: int = 12) -> dict[str, int]:
+    """Quarantine reasons grouped by kind (numbers masked), most common first."""
+    kinds: Counter = Counter()
+    with open(quarantine, encoding="utf-8") as f:
+        for line in f:
+            kinds[re.sub(r"\d+", "N", json.loads(line)["reason"])[:120]] += 1
+    return dict(kinds.most_common(top))
+
+
+def concat_quarantine(plan: IngestPlan, results: list[dict], dest: Path) -> None:
+    with open(dest, "wb") as out:
+        for r in results:
+            with open(plan.work / f"part-{r['index']:05d}.quarantine.jsonl", "rb") as f:
+                shutil.copyfileobj(f, out)
+
+
+def check_shapes(results: list[dict]) -> dict[str, str]:
+    """Record shape per source; shards of one file that disagree are a mixed file."""
+    shapes: dict[str, str] = {}
+    for r in results:
+        if r["shape"] and shapes.setdefault(r["source"], r["shape"]) != r["shape"]:
+            raise DataError(f"input file {r['source']} mixes record shapes: {shapes[r['source']]} in one part, "
+                            f"{r['shape']} in another; split the file or pass --schema")
+    return shapes
+
+
+def merge_shards(plan: IngestPlan, results: list[dict], cfg: EtlConfig) -> DatasetVersion:
+    if plan.out.exists():
+        return load_version(plan.out)
+    results = sorted(results, key=lambda r: r["index"])
+    shapes = check_shapes(results)
+    with atomic_dir(plan.out) as tmp:
+        removed = Removed(tmp / "removed.jsonl")
+        try:
+            drop = find_duplicates(plan, results, cfg, removed)
+            index = index_eval(plan, results, drop, cfg.contamination_ngram)
+            lengths = write_splits(plan, results, drop, index, cfg, tmp, removed)
+        finally:
+            removed.close()
+        concat_quarantine(plan, results, tmp / "quarantine.jsonl")
+        counts = count_rows(results, removed, lengths)
+        manifest = build_manifest(plan, cfg, results, shapes, counts, lengths, tmp / "quarantine.jsonl")
+        write_json(tmp / "manifest.json", manifest)
+        plot_lengths(lengths, cfg.max_tokens, tmp / "lengths.png")
+    shutil.rmtree(plan.work, ignore_errors=True)
+    return DatasetVersion(plan.version, plan.out, counts)
+
+
+def count_rows(results: list[dict], removed: Removed, lengths: dict) -> dict:
+    counts = {"rows_in": sum(r["rows_in"] for r in results), "quarantined": sum(r["quarantined"] for r in results),
+              "duplicates": removed.counts["duplicates"], "near_duplicates": removed.counts["near_duplicates"],
+              "contaminated": removed.counts["contaminated"], "train": len(lengths["train"]), "eval": len(lengths["eval"])}
+    counts["kept"] = counts["train"] + counts["eval"]
+    accounted = sum(counts[k] for k in ("kept", "quarantined", "duplicates", "near_duplicates", "contaminated"))
+    if accounted != counts["rows_in"]:  # a bug, never bad data: refuse to publish a dataset that lost rows
+        raise RuntimeError(f"row accounting is off: {counts}")
+    if not counts["train"] or not counts["eval"]:
+        raise DataError(f"after validation the dataset has {counts['train']} train and {counts['eval']} eval rows; "
+                        f"both must be non-empty ({counts})")
+    return counts
+
+
+def build_manifest(plan: IngestPlan, cfg: EtlConfig, results: list[dict], shapes: dict, counts: dict,
+                   lengths: dict, quarantine: Path) -> dict:
+    return {
+        "version": plan.version,
+        "counts": counts,
+        "quarantine_reasons": reason_kinds(quarantine),
+        "sources": [{"uri": s.uri, "format": s.format, "sha256": s.sha256, "bytes": s.size, "shards": len(s.shards),
+                     "record_shape": shapes.get(s.uri)} for s in plan.sources],
+        "schema": {f.name: str(f.type) for f in ROW_SCHEMA},
+        "token_lengths": {split: length_stats(v) for split, v in lengths.items()},
+        "tokenizer": {"source": plan.tokenizer, "identity": tokenizer_identity(plan.tokenizer),
+                      "chat_template_sha": digest(plan.chat_template) if plan.chat_template else None},
+        "config": cfg.model_dump(),
+        "shards": len(results),
+    }
+
+
+def plot_lengths(lengths: dict, limit: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.linspace(0, max(limit, 1), 41)
+    for split, v in lengths.items():
+        ax.hist(v, bins=bins, alpha=0.6, label=f"{split} ({len(v)} rows)")
+    ax.axvline(limit, color="black", linestyle="--", label=f"limit {limit}")
+    ax.set_xlabel("tokens per row (chat template applied)")
+    ax.set_ylabel("rows")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_version(path: Path) -> DatasetVersion:
+    manifest = read_json(path / "manifest.json")
+    return DatasetVersion(manifest["version"], path, manifest["counts"])
+
+
+# ---- the stage, in-process -------------------------------------------------------------------
+
+
+def build_dataset(cfg: EtlConfig, home: Path, tokenizer: str, chat_template: str | None = None) -> DatasetVersion:
+    """Plan, ingest every shard and merge, in this process (the Prefect flow maps the shards instead)."""
+    if cfg.max_tokens is None:
+        raise ValueError("etl.max_tokens must be set (PipelineConfig sets it from train.max_seq_len)")
+    plan = plan_ingest(cfg, tokenizer, chat_template, home)
+    if plan.done:
+        return load_version(plan.out)
+    results = [ingest_shard(s, i, plan, cfg) for i, s in enumerate(plan.shards)]
+    return merge_shards(plan, results, cfg)
+
+
+def prepare_tokenizer(cfg: ModelConfig, home: Path) -> str:
+    """The tokenizer ETL counts tokens with: the preset base's own (the embedded one is built in seconds)."""
+    if cfg.base != "embedded":
+        return cfg.base
+    from models.embedded import build_embedded_tokenizer
+
+    return str(build_embedded_tokenizer(cfg.embedded, home, REPO_ROOT))
+
+
+# Not cached by Prefect: the version id already hashes the inputs' contents, which an inputs-only
+# cache key would miss when a file changes in place; a finished version is found by its id at once.
+@task(name="prepare-tokenizer", cache_policy=NO_CACHE)
+def prepare_tokenizer_task(cfg: ModelConfig, home: str) -> str:
+    return prepare_tokenizer(cfg, Path(home))
+
+
+@task(name="plan-etl", cache_policy=NO_CACHE)
+def plan_task(cfg: EtlConfig, tokenizer: str, chat_template: str | None, home: str) -> IngestPlan:
+    return plan_ingest(cfg, tokenizer, chat_template, Path(home))
+
+
+@task(name="ingest-shard", cache_policy=NO_CACHE, task_run_name="ingest-shard-{index}")
+def ingest_shard_task(shard: Shard, index: int, plan: IngestPlan, cfg: EtlConfig) -> dict:
+    return ingest_shard(shard, index, plan, cfg)
+
+
+@task(name="merge-etl", cache_policy=NO_CACHE)
+def merge_task(plan: IngestPlan, results: list[dict], cfg: EtlConfig) -> DatasetVersion:
+    return load_version(plan.out) if plan.done else merge_shards(plan, results, cfg)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import atomic_dir, digest, dir_size_bytes, read_json, write_json
 from models.candidate import assemble_candidate, load_candidate
-from models.chat import render_prompt, tokenize_example
+from models.chat import render_context, row_context, row_messages, tokenize_conversation
 from models.config import DecodeConfig
 from models.decoding import Generation
 from models.device import resolve_device
@@ -98,7 +98,7 @@ def completion_perplexity(model, tokenizer, rows: list[dict], max_len: int = 102
     exactly as in training): how well the weights that ship still model held-out answers."""
     nll, count = 0.0, 0
     for r in rows:
-        ex = tokenize_example(tokenizer, r["prompt"], r["completion"], max_len)
+        ex = tokenize_conversation(tokenizer, row_messages(r), max_len)
         ids = torch.tensor([ex.input_ids], device=model.device)  # [1, seq]
         labels = torch.tensor(ex.labels[1:], device=model.device)  # [seq - 1]: token t+1 predicted at t
         logits = model(ids).logits[0, :-1].float()  # [seq - 1, vocab]
@@ -144,9 +144,10 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
         t0 = time.perf_counter()
         cand = load_candidate(candidate_dir, device)
         load_s = time.perf_counter() - t0
-        cand.generate(rows[0]["prompt"], max_new_tokens=4)  # warm-up: first call pays one-off allocation costs
-        outputs = [cand.generate(r["prompt"]) for r in tqdm(rows, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
-        concurrent = concurrent_throughput(cand, [render_prompt(cand.tokenizer, r["prompt"]) for r in rows],
+        contexts = [row_context(r) for r in rows]
+        cand.generate(contexts[0], max_new_tokens=4)  # warm-up: first call pays one-off allocation costs
+        outputs = [cand.generate(c) for c in tqdm(contexts, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
+        concurrent = concurrent_throughput(cand, [render_context(cand.tokenizer, c) for c in contexts],
                                            cand.recipe["max_new_tokens"], cfg.concurrent_streams)
     report = {
         "candidate": candidate_dir.name,
@@ -158,7 +159,7 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
         "size_bytes": dir_size_bytes(candidate_dir),
         "load_s": load_s,
         "peak_memory_bytes": memory.peak_bytes,
-        "draft_acceptance": cand.draft_acceptance([r["prompt"] for r in rows], outputs),
+        "draft_acceptance": cand.draft_acceptance(contexts, outputs),
         "perplexity": completion_perplexity(cand.model, cand.tokenizer, rows),
         **score(rows, outputs),
         **concurrent,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mlflow.entities import Metric
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -14,7 +15,7 @@ from prefect.runtime import flow_run
 from models.artifacts import atomic_dir, write_json
 from tasks.config import PipelineConfig
 from tasks.etl import DatasetVersion
-from tasks.tracking import use_tracking
+from tasks.tracking import ensure_experiment, log_dataset_input, use_tracking
 
 
 def rename_flow_run(name: str) -> None:
@@ -24,13 +25,62 @@ def rename_flow_run(name: str) -> None:
             client.update_flow_run(flow_run.id, name=name)
 
 
+COUNT_LABELS = [("rows_in", "rows in"), ("kept", "kept"), ("quarantined", "quarantined"), ("duplicates", "exact duplicates"),
+                ("near_duplicates", "near duplicates"), ("contaminated", "contaminating eval"), ("train", "train"), ("eval", "eval")]
+
+
+def text_histogram(lengths: list[int], limit: int, bins: int = 12, width: int = 40) -> list[str]:
+    """Token lengths as bars of text: the Prefect UI renders Markdown but no local pictures."""
+    import numpy as np
+
+    counts, edges = np.histogram(lengths, bins=bins, range=(0, max(limit, 1)))
+    top = max(int(counts.max()), 1)
+    return [f"{int(lo):>6}-{int(hi):<6} {'█' * round(width * c / top):<{width}} {c}" for c, lo, hi in zip(counts, edges, edges[1:])]
+
+
 def data_report(dataset: DatasetVersion) -> str:
-    c = dataset.counts
-    lines = [f"# Dataset {dataset.version}", "", "| rows in | kept | quarantined | duplicates | train | eval |",
-             "|---|---|---|---|---|---|",
-             f"| {c.get('rows_in')} | {c.get('kept')} | {c.get('quarantined')} | {c.get('duplicates')} | {c.get('train')} | {c.get('eval')} |",
-             "", f"Rows in = kept + quarantined + duplicates. Quarantined rows and their reasons: `{dataset.path / 'quarantine.jsonl'}`."]
+    """The dataset version in Markdown: every count, why rows were rejected, token lengths, sources."""
+    import pyarrow.parquet as pq
+
+    m, c = dataset.manifest, dataset.counts
+    lines = [f"# Dataset {dataset.version}", "", "| " + " | ".join(h for _, h in COUNT_LABELS) + " |",
+             "|" + "---|" * len(COUNT_LABELS), "| " + " | ".join(str(c.get(k, 0)) for k, _ in COUNT_LABELS) + " |", "",
+             "Rows in = kept + quarantined + exact duplicates + near duplicates + contaminating eval.", "",
+             "## Why rows were quarantined", ""]
+    reasons = m.get("quarantine_reasons") or {}
+    lines += ["| reason | rows |", "|---|---|", *[f"| {r} | {n} |" for r, n in reasons.items()]] if reasons else ["None."]
+    lines += ["", f"Each quarantined row, with file, line and reason: `{dataset.path / 'quarantine.jsonl'}`; rows removed as "
+              f"duplicates or contamination: `{dataset.path / 'removed.jsonl'}`.", "", "## Tokens per row (chat template applied)", "",
+              "| split | rows | mean | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|"]
+    for split, t in m["token_lengths"].items():
+        lines.append(f"| {split} | {t['rows']} | {t.get('mean', '-')} | {t.get('p50', '-')} | {t.get('p90', '-')} | "
+                     f"{t.get('p99', '-')} | {t.get('max', '-')} |")
+    limit = m["config"]["max_tokens"]
+    train_lengths = pq.read_table(dataset.path / "train.parquet", columns=["tokens"]).column("tokens").to_pylist()
+    lines += ["", f"Train rows by token length (limit {limit}; picture: `lengths.png`):", "", "```",
+              *text_histogram(train_lengths, limit), "```", "", "## Sources", "", "| file | format | shape | sha256 | bytes |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {s['uri']} | {s['format']} | {s['record_shape']} | {s['sha256'][:16]} | {s['bytes']} |" for s in m["sources"]]
     return "\n".join(lines)
+
+
+def log_dataset(cfg: PipelineConfig, run_id: str | None, dataset: DatasetVersion, home: Path) -> str:
+    """The dataset as an MLflow dataset input of the run (a run of its own for ETL alone), with the
+    manifest, data report and length picture as artifacts under data/."""
+    client = use_tracking(cfg.registry, home)
+    own_run = run_id is None
+    if own_run:
+        exp_id = ensure_experiment(client, f"smelt-{cfg.preset}", home / "mlartifacts")
+        run_id = client.create_run(exp_id, run_name=f"etl-{dataset.version}", tags={
+            "smelt.stage": "etl", "smelt.dataset_version": dataset.version}).info.run_id
+    log_dataset_input(client, run_id, dataset, "training")
+    for name in ("manifest.json", "lengths.png"):
+        client.log_artifact(run_id, str(dataset.path / name), artifact_path="data")
+    client.log_text(run_id, data_report(dataset), "data/report.md")
+    if own_run:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in dataset.counts.items()])
+        client.set_terminated(run_id, "FINISHED")
+    return run_id
 
 
 TABLE_COLUMNS = [  # (key, header, format): one table for the terminal, Markdown, Prefect and MLflow
@@ -159,6 +209,11 @@ def decision_report(registry: dict) -> str:
 def report_data_task(preset: str, dataset: DatasetVersion) -> None:
     rename_flow_run(f"{preset}-{dataset.version}")
     create_markdown_artifact(data_report(dataset), key="smelt-data-report", description=f"dataset {dataset.version}")
+
+
+@task(name="log-dataset", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+def log_dataset_task(cfg: PipelineConfig, run_id: str | None, dataset: DatasetVersion, home: str) -> str:
+    return log_dataset(cfg, run_id, dataset, Path(home))
 
 
 def report_results(cfg: PipelineConfig, reports: list[dict], base: dict | None, selection: dict, registry: dict,

@@ -6,13 +6,15 @@ run", because Prefect may run each task in a different thread.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset as MlflowDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -119,13 +121,35 @@ def log_stage(client: MlflowClient, parent_id: str, stage: str, metrics: dict, f
     return run_id
 
 
+COLSPEC_TYPES = {"string": "string", "int64": "long", "int32": "integer"}
+
+
+def dataset_schema(manifest: dict) -> dict:
+    """The Parquet schema in MLflow's column-spec form (what its UI shows for a dataset)."""
+    message = {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}
+    return {"mlflow_colspec": [{"name": k, **({"type": COLSPEC_TYPES[t]} if t in COLSPEC_TYPES else
+                                              {"type": "array", "items": message})} for k, t in manifest["schema"].items()]}
+
+
+def log_dataset_input(client: MlflowClient, run_id: str, dataset: DatasetVersion, context: str) -> None:
+    """Lineage: the run used this dataset version (digest = version id, source = its folder)."""
+    m = dataset.manifest
+    entity = MlflowDataset(name=f"smelt-dataset-{dataset.version}", digest=dataset.version, source_type="local",
+                           source=json.dumps({"uri": str(dataset.path.resolve())}), schema=json.dumps(dataset_schema(m)),
+                           profile=json.dumps({**dataset.counts, "sources": [s["uri"] for s in m["sources"]]}))
+    client.log_inputs(run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
+
+
 def log_stages(run_id: str, cfg: PipelineConfig, home: Path, dataset: DatasetVersion,
                finetuned: Path, draft: Path | None, quantized: dict[str, Path]) -> None:
     """Nested runs for the stages before evaluation, from the summaries each stage wrote to disk."""
     client = use_tracking(cfg.registry, home)
-    log_stage(client, run_id, "etl", dataset.counts, [dataset.path / "manifest.json", dataset.path / "quarantine.jsonl"],
+    log_stage(client, run_id, "etl", dataset.counts, [dataset.path / "manifest.json", dataset.path / "quarantine.jsonl",
+                                                      dataset.path / "removed.jsonl"],
               {"dataset_version": dataset.version, "path": dataset.path})
-    log_stage(client, run_id, "train", read_json(finetuned / "train.json"), [finetuned / "train.json"], {"artifact": finetuned.name})
+    train_run = log_stage(client, run_id, "train", read_json(finetuned / "train.json"), [finetuned / "train.json"],
+                          {"artifact": finetuned.name})
+    log_dataset_input(client, train_run, dataset, "training")
     if draft is not None:
         log_stage(client, run_id, "draft", read_json(draft / "train.json"), [draft / "train.json"], {"artifact": draft.name})
     for method, qdir in quantized.items():

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import atomic_dir, digest, write_json
-from models.chat import render_prompt, tokenize_example
+from models.chat import render_context, row_context, row_messages, tokenize_conversation
 from models.config import ModelConfig, TrainConfig
 from models.device import resolve_device
 from models.embedded import build_embedded
@@ -46,7 +46,7 @@ def load_tokenizer(source: str, chat_template: str | None):
 
 
 def training_examples(tokenizer, rows: list[dict], max_len: int) -> ExampleSet:
-    return ExampleSet([tokenize_example(tokenizer, r["prompt"], r["completion"], max_len) for r in rows])
+    return ExampleSet([tokenize_conversation(tokenizer, row_messages(r), max_len) for r in rows])
 
 
 def train_lora(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig, home: Path) -> Path:
@@ -81,11 +81,11 @@ def train_lora(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: 
 
 
 @torch.inference_mode()
-def complete_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy completions for many prompts at once (left-padded batches)."""
+def complete_prompts(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy completions for many prompts (or conversations so far) at once (left-padded batches)."""
     outs = []
     for i in range(0, len(prompts), batch_size):
-        texts = [render_prompt(tokenizer, p) for p in prompts[i:i + batch_size]]
+        texts = [render_context(tokenizer, p) for p in prompts[i:i + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -106,12 +106,12 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
     target_dir = finetuned / "merged"
     tokenizer = load_tokenizer(str(target_dir), None)
     target = AutoModelForCausalLM.from_pretrained(target_dir, use_safetensors=True).to(device).eval()
-    prompts = [r["prompt"] for r in dataset.rows("train")[: cfg.distill_prompts]]
+    prompts = [row_context(r) for r in dataset.rows("train")[: cfg.distill_prompts]]
     completions = complete_prompts(target, tokenizer, prompts, max_new_tokens=cfg.max_seq_len // 2)
     del target
     draft = AutoModelForCausalLM.from_pretrained(draft_init, use_safetensors=True)
     # Empty completions stay: "stop at once" is also behaviour the draft must imitate.
-    rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    rows = [{"messages": [*p, {"role": "assistant", "content": c}]} for p, c in zip(prompts, completions)]
     stats = fit_causal_lm(
         draft, training_examples(tokenizer, rows, cfg.max_seq_len), steps=cfg.draft_steps,
         batch_size=cfg.batch_size, lr=cfg.draft_learning_rate, seed=cfg.seed, device=device,
