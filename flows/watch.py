@@ -5,7 +5,7 @@ content changes; the retrain deployment's event trigger turns that into a run.
   last digest emitted, kept in SMELT_HOME/watch/.
 - A burst of files emits once: the watcher waits until the folder has been quiet for a while.
 - `smelt data add` copies files in atomically (hidden temp name, then rename) and emits at once.
-- The watched location may be an fsspec URI (s3://, gs://, file://...): its JSONL files are mirrored
+- The watched location may be an fsspec URI (s3://, gs://, file://...): its data files are mirrored
   into the local folder first (only those whose fsspec key changed), and ETL reads the mirror.
 """
 from __future__ import annotations
@@ -17,15 +17,20 @@ import uuid
 from pathlib import Path
 
 from models.artifacts import digest, file_digest, read_json, write_json
-from tasks.etl import expand_sources
+from tasks.data.formats import EXTENSIONS, base_suffix
 
 DATA_EVENT = "smelt.data.changed"
 
 
 def folder_digest(folder: Path) -> tuple[str, list[Path]]:
     """Content digest of the data files in `folder` (and the files), independent of listing order and mtimes."""
-    files = expand_sources([str(folder)]) if folder.is_dir() else []
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and is_data_file(str(f.relative_to(folder)))) if folder.is_dir() else []
     return digest("watch-v1", [(str(f.relative_to(folder)), file_digest(f)) for f in files]), files
+
+
+def is_data_file(rel: str) -> bool:
+    """A file ETL would read from the folder: a known format, not hidden (half-copied temp files are)."""
+    return base_suffix(rel) in EXTENSIONS and not any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
 def resource_id(folder: Path) -> str:
@@ -70,7 +75,7 @@ def write_atomically(dst: Path, data: bytes) -> None:
 
 
 def mirror(uri: str, folder: Path, home: Path) -> list[Path]:
-    """Copy the JSONL files under an fsspec URI into `folder`; only those whose key (ETag, mtime...) changed."""
+    """Copy the data files under an fsspec URI into `folder`; only those whose key (ETag, mtime...) changed."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri)
@@ -79,7 +84,7 @@ def mirror(uri: str, folder: Path, home: Path) -> list[Path]:
     changed = []
     for remote in sorted(fs.find(root)):
         rel = remote[len(root):].lstrip("/")
-        if not rel.endswith(".jsonl") or any(part.startswith(".") for part in rel.split("/")):
+        if not is_data_file(rel):
             continue
         key = fs.ukey(remote)
         if keys.get(rel) == key and (folder / rel).exists():

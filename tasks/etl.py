@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -243,7 +244,7 @@ def ingest_shard(shard: Shard, index: int, plan: IngestPlan, cfg: EtlConfig) -> 
     os.replace(tmp_q, stem.with_suffix(".quarantine.jsonl"))
     result = {"index": index, "source": shard.source, "format": shard.format, "shape": shapes.shape,
               "rows_in": rows_in, "quarantined": out.quarantined, "valid": out.kept,
-              "splits": dict(out.split_counts), "worker_pid": os.getpid()}
+              "splits": dict(out.split_counts), "worker": f"{socket.gethostname()}:{os.getpid()}"}
     write_json(meta, result)
     return result
 
@@ -454,7 +455,7 @@ def build_manifest(plan: IngestPlan, cfg: EtlConfig, results: list[dict], shapes
         "tokenizer": {"source": plan.tokenizer, "identity": tokenizer_identity(plan.tokenizer),
                       "chat_template_sha": digest(plan.chat_template) if plan.chat_template else None},
         "config": cfg.model_dump(),
-        "shards": len(results),
+        "shards": [{k: r[k] for k in ("index", "source", "rows_in", "quarantined", "valid", "worker")} for r in results],
     }
 
 

@@ -121,6 +121,29 @@ print(json.dumps({'parents': len(parents), 'status': p.info.status, 'params': p.
     assert got["train_metrics"][0]["final_loss"] > 0
 
 
+def test_dataset_version_is_an_mlflow_input_of_the_runs_that_train_on_it(first_run):
+    home, _, _ = first_run
+    got = json.loads(in_subprocess(home, """
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+exp = c.get_experiment_by_name('smelt-micro-cpu')
+runs = c.search_runs([exp.experiment_id])
+def inputs(r):
+    return [{'digest': d.dataset.digest, 'source': d.dataset.source, 'schema': d.dataset.schema,
+             'context': {t.key: t.value for t in d.tags}.get('mlflow.data.context')} for d in r.inputs.dataset_inputs]
+parent = [r for r in runs if 'mlflow.parentRunId' not in r.data.tags][0]
+train = [r for r in runs if r.info.run_name == 'train'][0]
+print(json.dumps({'version': parent.data.tags['smelt.dataset_version'], 'parent': inputs(parent), 'train': inputs(train),
+                  'data': sorted(f.path for f in c.list_artifacts(parent.info.run_id, 'data'))}))
+"""))
+    for run_inputs in (got["parent"], got["train"]):
+        assert [i["digest"] for i in run_inputs] == [got["version"]] and run_inputs[0]["context"] == "training"
+        assert json.loads(run_inputs[0]["source"])["uri"].endswith(got["version"])
+        assert "messages" in {c["name"] for c in json.loads(run_inputs[0]["schema"])["mlflow_colspec"]}
+    assert got["data"] == ["data/lengths.png", "data/manifest.json", "data/report.md"]
+
+
 def test_champion_loads_in_a_fresh_process_and_repeats_evaluation_outputs(first_run):
     home, _, _ = first_run
     got = json.loads(in_subprocess(home, """

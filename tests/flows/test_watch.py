@@ -10,8 +10,11 @@ def test_folder_digest_follows_content_not_mtimes_or_hidden_files(tmp_path):
     assert [f.name for f in files] == ["a.jsonl"]
     os.utime(tmp_path / "a.jsonl", (1, 1))
     (tmp_path / ".a.jsonl.123.tmp").write_text("half a copy")
-    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / "notes.log").write_text("not a data format ETL reads")
     assert folder_digest(tmp_path)[0] == before
+    (tmp_path / "more.csv").write_text("prompt,completion\np,c\n")  # every format ETL reads counts
+    assert folder_digest(tmp_path)[0] != before
+    (tmp_path / "more.csv").unlink()
     (tmp_path / "a.jsonl").write_text('{"prompt": "p", "completion": "d"}\n')
     assert folder_digest(tmp_path)[0] != before
 

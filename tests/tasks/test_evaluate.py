@@ -35,7 +35,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     src = home / "rows.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Order {i}: {i % 5} cups to Oslo.", "completion": json.dumps({"qty": i % 5})})
                            + "\n" for i in range(80)))
-    dataset = build_dataset(EtlConfig(sources=[str(src)], eval_fraction=0.2), home)
+    dataset = build_dataset(EtlConfig(sources=[str(src)], eval_fraction=0.2, max_tokens=256), home, str(tiny_model_dir))
     quantize_model("none", tiny_model_dir, home / "q", [])
     cand = assemble_candidate(home / "q", None, "plain", DecodeConfig(max_new_tokens=6), home / "candidates" / "none-plain")
     return home, dataset, cand

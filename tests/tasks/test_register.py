@@ -32,7 +32,7 @@ def test_a_champion_measured_on_another_eval_split_is_re_evaluated_on_this_one(t
 
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": str(i)}) + "\n" for i in range(60)))
-    dataset = build_dataset(EtlConfig(sources=[str(src)], eval_fraction=0.2), tmp_path)
+    dataset = build_dataset(EtlConfig(sources=[str(src)], eval_fraction=0.2, max_tokens=256), tmp_path, str(tiny_model_dir))
     quantize_model("none", tiny_model_dir, tmp_path / "q", [])
     cand = assemble_candidate(tmp_path / "q", None, "plain", DecodeConfig(max_new_tokens=4), tmp_path / "candidates" / "cand-a")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

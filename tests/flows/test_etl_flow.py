@@ -1,0 +1,88 @@
+"""`smelt data ingest` through real Prefect (shards as mapped tasks on a local 2-worker Dask
+cluster), with the data report in Prefect and the dataset version as an MLflow dataset input."""
+import json
+import re
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.config import load_config
+from tasks.etl import build_dataset, prepare_tokenizer
+from tests.helpers import smelt_env
+
+pytestmark = pytest.mark.integration
+
+
+def write_inputs(folder):
+    folder.mkdir()
+    lines = [json.dumps({"prompt": f"Order {i}: {i % 7} cups of tea to Oslo, please.", "completion": json.dumps({"qty": i % 7})})
+             for i in range(300)]
+    lines[40] = "{not json"
+    lines[250] = json.dumps({"prompt": "no answer"})
+    (folder / "orders.jsonl").write_text("\n".join(lines + lines[:5]) + "\n")  # five exact duplicates at the end
+    (folder / "more.csv").write_text("instruction,input,output\n" + "".join(
+        f'Give the quantity,"{i} boxes to Rome",{i}\n' for i in range(60)))
+
+
+def in_subprocess(home, code: str) -> str:
+    code = "from flows.env import configure_environment; configure_environment()\n" + code  # this home's stores
+    proc = subprocess.run([sys.executable, "-c", code], env=smelt_env(home), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("etl-flow")
+    write_inputs(tmp / "data")
+    home = tmp / "home"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "data", "ingest", str(tmp / "data"), "--config", "micro-cpu",
+         "--set", "etl.task_runner=dask", "--set", "etl.dask_workers=2", "--set", "etl.shard_mb=0.004"],
+        env=smelt_env(home), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    version = re.search(r"Dataset ([0-9a-f]{12})", proc.stdout).group(1)
+    return tmp, home, version, proc.stdout
+
+
+def test_shards_ran_on_two_dask_workers_and_match_the_in_process_result(ingested):
+    tmp, home, version, out = ingested
+    manifest = json.loads((home / "datasets" / version / "manifest.json").read_text())
+    assert len(manifest["shards"]) >= 4
+    assert len({s["worker"] for s in manifest["shards"]}) == 2  # both worker processes took shards
+    cfg = load_config("micro-cpu", [f"etl.sources={json.dumps([str(tmp / 'data')])}", "etl.shard_mb=0.004"]).etl
+    local = build_dataset(cfg, tmp / "local-home", prepare_tokenizer(load_config("micro-cpu").model, home))
+    assert local.version == version  # how shards are run is not part of what the data is
+    for split in ("train", "eval"):
+        assert (pq.read_table(local.path / f"{split}.parquet").to_pylist()
+                == pq.read_table(home / "datasets" / version / f"{split}.parquet").to_pylist())
+    c = manifest["counts"]
+    assert (c["rows_in"], c["quarantined"], c["duplicates"]) == (365, 2, 5)
+    assert c["rows_in"] == c["kept"] + c["quarantined"] + c["duplicates"] + c["near_duplicates"] + c["contaminated"]
+    assert f"│ {c['rows_in']} " in out and "quarantine.jsonl" in out
+
+
+def test_data_report_is_a_prefect_artifact_and_the_version_an_mlflow_dataset_input(ingested):
+    _, home, version, _ = ingested
+    report = in_subprocess(home, """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:  # the ephemeral server on this home's Prefect database
+    arts = c.request('POST', '/artifacts/filter', json={'artifacts': {'key': {'any_': ['smelt-data-report']}}}).json()
+print(json.dumps([a['data'] for a in arts]))
+""")
+    (markdown,) = json.loads(report)
+    assert f"# Dataset {version}" in markdown and "malformed JSON" in markdown and "█" in markdown
+    got = json.loads(in_subprocess(home, """
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+(run,) = c.search_runs([c.get_experiment_by_name('smelt-micro-cpu').experiment_id])
+d = run.inputs.dataset_inputs[0].dataset
+print(json.dumps({'digest': d.digest, 'profile': json.loads(d.profile), 'metrics': run.data.metrics,
+                  'data': sorted(f.path for f in c.list_artifacts(run.info.run_id, 'data'))}))
+"""))
+    assert got["digest"] == version and got["profile"]["rows_in"] == 365 and got["metrics"]["quarantined"] == 2
+    assert got["data"] == ["data/lengths.png", "data/manifest.json", "data/report.md"]
