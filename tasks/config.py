@@ -55,8 +55,8 @@ class EtlConfig(StrictModel):
         return v
 
     def version_fields(self) -> dict:
-        """The settings that change the dataset (how shards are run does not)."""
-        return self.model_dump(exclude={"task_runner", "dask_address", "dask_workers"})
+        """The settings that change the dataset (how it is cut into shards and where they run do not)."""
+        return self.model_dump(exclude={"shard_mb", "task_runner", "dask_address", "dask_workers"})
 
 
 class EvalConfig(StrictModel):

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -142,38 +143,41 @@ def load_tokenizer(source: str, chat_template: str | None):
 
 
 class ShardWriter:
-    """Buffers canonical rows of one shard, counts their tokens in batches, writes the Parquet part."""
+    """Buffers one shard's rows, counts tokens in batches, and writes valid rows to the Parquet part
+    and rejected ones to its quarantine, both in input order."""
 
     def __init__(self, shard: Shard, part: Path, quarantine, cfg: EtlConfig, tokenizer):
         self.shard, self.part, self.quarantine, self.cfg, self.tok = shard, part, quarantine, cfg, tokenizer
         self.unit = position_unit(shard.format)
-        self.buffer: list[tuple[int, list[dict]]] = []
+        # (position, messages, None) for a valid row, (position, record, reason) for a rejected one
+        self.buffer: list[tuple[int, object, str | None]] = []
         self.writer = pq.ParquetWriter(part, PART_SCHEMA)
         self.kept = self.quarantined = 0
         self.split_counts: Counter = Counter()
 
-    def reject(self, position: int, reason: str, record) -> None:
-        self.quarantined += 1
-        entry = {"file": self.shard.source, self.unit: position, "reason": reason, "record": record}
-        self.quarantine.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
-
     def add(self, position: int, messages: list[dict]) -> None:
-        self.buffer.append((position, messages))
+        self.buffer.append((position, messages, None))
         if len(self.buffer) >= BATCH_ROWS:
             self.flush()
 
+    def reject(self, position: int, reason: str, record) -> None:
+        self.buffer.append((position, record, reason))
+
     def flush(self) -> None:
-        if not self.buffer:
-            return
-        texts = [self.tok.apply_chat_template(m, tokenize=False) for _, m in self.buffer]
-        lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]]
+        valid = [m for _, m, reason in self.buffer if reason is None]
+        texts = [self.tok.apply_chat_template(m, tokenize=False) for m in valid]
+        lengths = iter(len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
         rows = []
-        for (position, messages), n in zip(self.buffer, lengths):
-            if n > self.cfg.max_tokens:
-                self.reject(position, f"{n} tokens with the chat template, over the limit of {self.cfg.max_tokens} "
-                                      "(etl.max_tokens)", messages)
-                continue
-            rows.append(canonical_row(messages, self.shard.source, position, n, self.cfg.eval_fraction))
+        for position, item, reason in self.buffer:
+            n = next(lengths) if reason is None else 0
+            if reason is None and n > self.cfg.max_tokens:
+                reason = f"{n} tokens with the chat template, over the limit of {self.cfg.max_tokens} (etl.max_tokens)"
+            if reason is None:
+                rows.append(canonical_row(item, self.shard.source, position, n, self.cfg.eval_fraction))
+            else:
+                self.quarantined += 1
+                entry = {"file": self.shard.source, self.unit: position, "reason": reason, "record": item}
+                self.quarantine.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
         self.kept += len(rows)
         self.split_counts.update(r["split"] for r in rows)
         if rows:
@@ -227,25 +231,36 @@ def ingest_shard(shard: Shard, index: int, plan: IngestPlan, cfg: EtlConfig) -> 
     tok = load_tokenizer(plan.tokenizer, plan.chat_template)
     shapes, rows_in = ShapeTracker(cfg, shard), 0
     tmp_part, tmp_q = stem.with_suffix(f".parquet.tmp-{os.getpid()}"), stem.with_suffix(f".quarantine.tmp-{os.getpid()}")
-    with open(tmp_q, "w", encoding="utf-8") as quarantine:
-        out = ShardWriter(shard, tmp_part, quarantine, cfg, tok)
-        try:
-            for position, record, error in read_records(shard, cfg.text_unit):
-                rows_in += 1
-                try:
-                    if error:
-                        raise RowError(error)
-                    out.add(position, to_messages(record, shapes.of(position, record)))
-                except RowError as e:
-                    out.reject(position, str(e), record)
-        finally:
-            out.close()
+    t0 = time.perf_counter()
+    try:
+        with open(tmp_q, "w", encoding="utf-8") as quarantine:
+            out = ShardWriter(shard, tmp_part, quarantine, cfg, tok)
+            try:
+                for position, record, error in read_records(shard, cfg.text_unit):
+                    rows_in += 1
+                    try:
+                        if error:
+                            raise RowError(error)
+                        out.add(position, to_messages(record, shapes.of(position, record)))
+                    except RowError as e:
+                        out.reject(position, str(e), record)
+            finally:
+                out.close()
+        if rows_in == 0:
+            raise DataError(f"input file {shard.source} is empty (no records)")
+    except BaseException:
+        for f in (tmp_part, tmp_q):  # a failed shard leaves nothing behind
+            f.unlink(missing_ok=True)
+        raise
     os.replace(tmp_part, stem.with_suffix(".parquet"))
     os.replace(tmp_q, stem.with_suffix(".quarantine.jsonl"))
     result = {"index": index, "source": shard.source, "format": shard.format, "shape": shapes.shape,
               "rows_in": rows_in, "quarantined": out.quarantined, "valid": out.kept,
               "splits": dict(out.split_counts), "worker": f"{socket.gethostname()}:{os.getpid()}"}
     write_json(meta, result)
+    seconds = time.perf_counter() - t0
+    print(f"shard {index} ({Path(shard.source).name}): {rows_in:,} rows, {out.kept:,} valid, {out.quarantined:,} quarantined "
+          f"in {seconds:.1f} s ({rows_in / max(seconds, 1e-9):,.0f} rows/s)")
     return result
 
 
@@ -472,7 +487,7 @@ def plot_lengths(lengths: dict, limit: int, path: Path) -> None:
     ax.axvline(limit, color="black", linestyle="--", label=f"limit {limit}")
     ax.set_xlabel("tokens per row (chat template applied)")
     ax.set_ylabel("rows")
-    ax.legend()
+    ax.legend(loc="upper left")  # a fixed place: "best" searches and is slow on big histograms
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -83,7 +83,8 @@ def is_hf_folder(fs, path: str) -> bool:
 
 def expand_source(source: str, fmt: str) -> list[tuple[str, str]]:
     """(uri, format) of each input a source stands for: a file, a `datasets` folder, or a folder of
-    files (recursively, hidden ones skipped, sorted so the version never depends on listing order)."""
+    files and `datasets` folders (recursively, hidden ones skipped, sorted so the version never
+    depends on listing order)."""
     fs, path = fsspec.core.url_to_fs(source)
     if not fs.exists(path):
         raise DataError(f"input {source} does not exist")
@@ -91,13 +92,19 @@ def expand_source(source: str, fmt: str) -> list[tuple[str, str]]:
         return [(source, "hf")]
     if not fs.isdir(path):
         return [(source, fmt if fmt != "auto" else detect_format(source))]
+    root = path.rstrip("/")
+    found = fs.find(root, withdirs=True, detail=True)
+    hf_dirs = [p for p, info in found.items() if info["type"] == "directory" and fmt == "auto" and is_hf_folder(fs, p)]
     out = []
-    for p in sorted(fs.find(path)):
-        rel = p[len(path.rstrip("/")) + 1:]
+    for p in sorted(found):
+        rel = p[len(root) + 1:]
         if any(part.startswith((".", "_")) for part in rel.split("/")):
             continue  # hidden or half-copied temp files, _SUCCESS markers
-        if fmt != "auto" or base_suffix(p) in EXTENSIONS:
-            uri = fs.unstrip_protocol(p) if "://" in source else p
+        uri = fs.unstrip_protocol(p) if "://" in source else p
+        if p in hf_dirs:
+            out.append((uri, "hf"))
+        elif (found[p]["type"] == "file" and not any(p.startswith(d + "/") for d in hf_dirs)
+              and (fmt != "auto" or base_suffix(p) in EXTENSIONS)):
             out.append((uri, fmt if fmt != "auto" else detect_format(uri)))
     if not out:
         raise DataError(f"folder {source} holds no file of a known format ({', '.join(sorted(EXTENSIONS))}); pass --format")
@@ -117,13 +124,14 @@ def detect_format(uri: str) -> str:
 
 
 def file_fingerprint(uri: str) -> tuple[str, int, bool]:
-    """(sha256, size, has non-blank content) in one pass."""
-    h, size, content = hashlib.sha256(), 0, False
-    with open_binary(uri) as f:
+    """(sha256 and size of the file as stored, whether its (decompressed) content has a non-blank byte)."""
+    h, size = hashlib.sha256(), 0
+    with fsspec.open(uri, "rb").open() as f:  # the stored bytes: what `sha256sum` of the file says
         for block in iter(lambda: f.read(BLOCK), b""):
             h.update(block)
             size += len(block)
-            content = content or bool(block.strip())
+    with open_binary(uri) as f:
+        content = any(block.strip() for block in iter(lambda: f.read(BLOCK), b""))
     return h.hexdigest(), size, content
 
 
@@ -247,7 +255,7 @@ def read_jsonl(shard: Shard, text_unit: str) -> Iterator[tuple[int, object, str 
                 text = text.lstrip("\ufeff")
             if text.strip():
                 try:
-                    yield line, json.loads(text), None
+                    yield line, json.loads(text.rstrip("\r\n")), None  # so a cut-off line errs on its own line
                 except json.JSONDecodeError as e:
                     yield line, text.rstrip("\r\n"), f"malformed JSON: {e.msg} at column {e.colno}"
             line += 1
@@ -257,10 +265,13 @@ def read_json_array(shard: Shard, text_unit: str) -> Iterator[tuple[int, object,
     import ijson
 
     with open_binary(shard.source) as f:
+        f.seek(3 if f.read(3) == b"\xef\xbb\xbf" else 0)  # ijson rejects the BOM Windows tools write
         try:
             for row, obj in enumerate(ijson.items(f, "item", use_float=True), start=1):
                 yield row, obj, None
         except ijson.JSONError as e:
+            if "UTF8" in str(e) or "UTF-8" in str(e):
+                raise DataError(f"input file {shard.source} is not UTF-8 text ({e})") from None
             raise DataError(f"input file {shard.source} is not a valid JSON array: {e}") from None
         except UnicodeDecodeError as e:
             raise DataError(f"input file {shard.source} is not UTF-8 text ({e.reason})") from None
@@ -278,7 +289,9 @@ def read_delimited(shard: Shard, delimiter: str) -> Iterator[tuple[int, object, 
     csv.field_size_limit(1 << 30)
     with open_binary(shard.source) as f:
         text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="strict", newline="")
-        reader = csv.DictReader(text, delimiter=delimiter, restkey=EXTRA)
+        # TSV has no quoting: a cell is everything between tabs, quotes included.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.DictReader(text, delimiter=delimiter, restkey=EXTRA, quoting=quoting)
         try:
             if not reader.fieldnames:
                 raise DataError(f"input file {shard.source} has no header row")

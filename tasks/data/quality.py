@@ -35,7 +35,7 @@ def split_of(messages: list[dict], eval_fraction: float) -> str:
 
 def plain_texts(texts: list[str]) -> pa.Array:
     """Lower case, punctuation turned to spaces, runs of whitespace to one space (vectorised in Arrow)."""
-    cleaned = pc.replace_substring_regex(pc.utf8_lower(pa.array(texts, pa.large_string())), r"[^\w\s]+", " ")
+    cleaned = pc.replace_substring_regex(pc.utf8_lower(pa.array(texts, pa.large_string())), r"[^\p{L}\p{M}\p{N}_\s]+", " ")
     return pc.utf8_trim_whitespace(pc.replace_substring_regex(cleaned, r"\s+", " "))
 
 

@@ -55,7 +55,7 @@ def text_field(obj: dict, key: str, *, optional: bool = False, where: str = "") 
             return ""
         raise RowError(f"missing field '{where}{key}'")
     if not isinstance(value, str):
-        raise RowError(f"field '{where}{key}' is {type(value).__name__}, not a string")
+        raise RowError(f"field '{where}{key}' is {json_type(value)}, not a string")
     value = normalise(value)
     if not value and not optional:
         raise RowError(f"field '{where}{key}' is empty")
@@ -72,7 +72,7 @@ def list_field(obj: dict, key: str) -> list:
         except json.JSONDecodeError as e:
             raise RowError(f"field '{key}' is text that is not a JSON list: {e.msg}") from None
     if not isinstance(value, list):
-        raise RowError(f"field '{key}' is {type(value).__name__}, not a list")
+        raise RowError(f"field '{key}' is {json_type(value)}, not a list")
     if not value:
         raise RowError(f"field '{key}' is empty")
     return value
@@ -98,7 +98,7 @@ def chat_messages(obj: dict) -> list[dict]:
     out = []
     for i, m in enumerate(list_field(obj, "messages"), start=1):
         if not isinstance(m, dict):
-            raise RowError(f"message {i} is {type(m).__name__}, not an object")
+            raise RowError(f"message {i} is {json_type(m)}, not an object")
         role = text_field(m, "role", where=f"messages[{i}].")
         if role not in ("system", "user", "assistant"):
             raise RowError(f"message {i} has unknown role '{role}' (system, user or assistant)")
@@ -110,7 +110,7 @@ def sharegpt_messages(obj: dict) -> list[dict]:
     out = []
     for i, m in enumerate(list_field(obj, "conversations"), start=1):
         if not isinstance(m, dict):
-            raise RowError(f"turn {i} is {type(m).__name__}, not an object")
+            raise RowError(f"turn {i} is {json_type(m)}, not an object")
         who = text_field(m, "from", where=f"conversations[{i}].")
         if who.lower() not in SHAREGPT_ROLES:
             raise RowError(f"turn {i} is from unknown speaker '{who}' ({', '.join(sorted(SHAREGPT_ROLES))})")
@@ -141,10 +141,16 @@ CONVERTERS = {"chat": chat_messages, "sharegpt": sharegpt_messages, "alpaca": al
               "prompt-completion": prompt_completion_messages, "text": text_messages}
 
 
+def json_type(value) -> str:
+    """A value's type in JSON's words (what the user wrote), not Python's."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def to_messages(obj, shape: str) -> list[dict]:
     """The canonical chat form of one record of `shape`; raises RowError with the quarantine reason."""
     if not isinstance(obj, dict):
-        raise RowError(f"row is a {type(obj).__name__}, not an object")
+        raise RowError(f"row is {json_type(obj)}, not an object")
     return CONVERTERS[shape](obj)
 
 
