@@ -26,6 +26,7 @@ import shutil
 import socket
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -40,7 +41,7 @@ from models.artifacts import atomic_dir, digest, file_digest, read_json, write_j
 from models.config import ModelConfig
 from tasks.config import REPO_ROOT, EtlConfig
 from tasks.data.formats import DataError, Shard, SourcePlan, expand_source, plan_source, position_unit, read_records
-from tasks.data.quality import NearDuplicates, fingerprints, in_table, ngram_hashes, row_id, rows_hitting, split_of
+from tasks.data.quality import NearDuplicates, fingerprints, in_table, ngram_hashes, plain_texts, row_id, rows_hitting, split_of
 from tasks.data.shapes import RowError, content_text, context_of, detect_shape, to_messages
 
 __all__ = ["DataError", "DatasetVersion", "build_dataset"]
@@ -134,9 +135,16 @@ def plan_ingest(cfg: EtlConfig, tokenizer: str, chat_template: str | None, home:
 
 @lru_cache(maxsize=4)
 def load_tokenizer(source: str, chat_template: str | None):
-    from transformers import AutoTokenizer
+    # A local tokenizer.json needs only the fast-tokenizer class; AutoTokenizer would import torch
+    # (about 650 MB) into every ETL process and Dask worker. Hub ids keep their own class.
+    if (Path(source) / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(source)
+        tok = PreTrainedTokenizerFast.from_pretrained(source)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(source)
     if chat_template:
         tok.chat_template = chat_template
     return tok
@@ -166,7 +174,9 @@ class ShardWriter:
     def flush(self) -> None:
         valid = [m for _, m, reason in self.buffer if reason is None]
         texts = [self.tok.apply_chat_template(m, tokenize=False) for m in valid]
-        lengths = iter(len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        # The Rust tokenizer directly: only lengths are needed, not Python lists of ids.
+        encodings = self.tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
+        lengths = iter(len(e) for e in encodings)
         rows = []
         for position, item, reason in self.buffer:
             n = next(lengths) if reason is None else 0
@@ -332,7 +342,7 @@ def index_eval(plan: IngestPlan, results: list[dict], drop: dict, n: int) -> Eva
     grams, texts, prompts = [], [], []
     for table in split_tables(plan, results, drop, "eval"):
         rows = table.column("messages").to_pylist()
-        whole = [content_text(m) for m in rows]
+        whole = plain_texts([content_text(m) for m in rows])
         texts.append(fingerprints(whole))
         prompts.append(fingerprints([content_text(context_of(m)) for m in rows if len(m) > 1]))
         if n:
@@ -356,7 +366,7 @@ def split_tables(plan: IngestPlan, results: list[dict], drop: dict[int, np.ndarr
 def contamination(table: pa.Table, index: EvalIndex, n: int) -> dict[int, str]:
     """Row number -> reason, for training rows that overlap the eval split."""
     rows = table.column("messages").to_pylist()
-    whole = [content_text(m) for m in rows]
+    whole = plain_texts([content_text(m) for m in rows])  # normalised once for both checks below
     reasons: dict[int, str] = {}
     if n:
         hashes, row_of = ngram_hashes(whole, n)
@@ -508,7 +518,9 @@ def build_dataset(cfg: EtlConfig, home: Path, tokenizer: str, chat_template: str
     plan = plan_ingest(cfg, tokenizer, chat_template, home)
     if plan.done:
         return load_version(plan.out)
-    results = [ingest_shard(s, i, plan, cfg) for i, s in enumerate(plan.shards)]
+    # Threads, like the flow's default runner: tokenizing releases the GIL, so shards overlap.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = list(pool.map(lambda job: ingest_shard(job[1], job[0], plan, cfg), enumerate(plan.shards)))
     return merge_shards(plan, results, cfg)
 
 
