@@ -345,7 +345,7 @@ def run_etl_benchmark(rows: int = 1_000_000, workdir: str | Path | None = None, 
     """Write (or reuse) the input file, then load it with pandas and ingest it with smelt, each in
     its own child process; returns the table's numbers and writes them to workdir/etl-benchmark.json.
 
-    smelt runs `build_dataset` (plan -> ingest every shard in turn -> merge) with the preset's
+    smelt runs `build_dataset` (plan -> ingest the shards on threads -> merge) with the preset's
     tokenizer, chat template and ETL settings, except sources (the file) and max_tokens (the
     preset's limit is far below a 1 KB row); its home is fresh every run. `profile`: a path where
     the smelt job writes cProfile stats (read them with pstats; the profiler slows the job)."""
