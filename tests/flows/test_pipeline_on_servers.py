@@ -29,7 +29,7 @@ print(json.dumps({{'champ_source': champ.source, 'flow_states': [f['state_type']
         assert check.returncode == 0, check.stderr
         got = json.loads(check.stdout.strip().splitlines()[-1])
         assert got["champ_source"].startswith("models:/") or "mlflow-artifacts" in got["champ_source"]
-        assert got["flow_states"] == ["COMPLETED"]
+        assert got["flow_states"] == ["COMPLETED", "COMPLETED"]  # the pipeline and its smelt-ingest subflow
         assert (tmp_path / "mlartifacts").is_dir()  # the server stored the logged models under SMELT_HOME
     finally:
         stop_services(tmp_path)
