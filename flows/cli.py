@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows import loadtest, stack
@@ -103,7 +104,8 @@ def champion_name(client, name: Optional[str], cfg) -> str:
 
 
 def fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]{message}[/red]")
+    # escaped: the message is text, not markup; unwrapped: a path or line number stays whole
+    console.print(f"[red]{escape(message)}[/red]", soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -67,7 +67,7 @@ def ingest_shards(config: PipelineConfig, tokenizer: str, home: str) -> DatasetV
     """Plan, one mapped task per shard, merge."""
     plan = plan_task(config.etl, tokenizer, config.model.chat_template, home)
     parts = ingest_shard_task.map(plan.shards, range(len(plan.shards)), unmapped(plan), unmapped(config.etl))
-    return merge_task(plan, parts, config.etl)
+    return merge_task(plan, parts.result(), config.etl)  # .result(): a bad file's DataError fails the flow
 
 
 def ingest(config: PipelineConfig, home: str) -> DatasetVersion:

@@ -86,3 +86,16 @@ print(json.dumps({'digest': d.digest, 'profile': json.loads(d.profile), 'metrics
 """))
     assert got["digest"] == version and got["profile"]["rows_in"] == 365 and got["metrics"]["quarantined"] == 2
     assert got["data"] == ["data/lengths.png", "data/manifest.json", "data/report.md"]
+
+
+def test_a_bad_file_fails_the_ingest_command_with_its_name_and_line(tmp_path):
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n'
+                   '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "data", "ingest", str(bad), "--config", "micro-cpu"],
+                          env=smelt_env(tmp_path / "home"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (f"smelt data ingest: input file {bad} mixes record shapes: line 1 is prompt-completion, line 2 is chat"
+            in proc.stdout + proc.stderr)
+    assert not (tmp_path / "home" / "datasets").exists() or not any(
+        (d / "manifest.json").exists() for d in (tmp_path / "home" / "datasets").iterdir())
