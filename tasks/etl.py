@@ -40,7 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from models.artifacts import atomic_dir, digest, file_digest, read_json, write_json
 from models.config import ModelConfig
 from tasks.config import REPO_ROOT, EtlConfig
-from tasks.data.formats import DataError, Shard, SourcePlan, expand_source, plan_source, position_unit, read_records
+from tasks.data.formats import DataError, EmptyFolder, Shard, SourcePlan, expand_source, plan_source, position_unit, read_records
 from tasks.data.quality import NearDuplicates, fingerprints, in_table, ngram_hashes, plain_texts, row_id, rows_hitting, split_of
 from tasks.data.shapes import RowError, content_text, context_of, detect_shape, to_messages
 
@@ -104,9 +104,7 @@ def expand_sources(cfg: EtlConfig) -> list[tuple[str, str]]:
     for source in map(resolve_source, cfg.sources):
         try:
             out.extend(expand_source(source, cfg.format))
-        except DataError as e:
-            if "holds no file" not in str(e):
-                raise
+        except EmptyFolder as e:
             log.warning("%s", e)
     if not out:
         raise DataError(f"no input file in {cfg.sources}")
@@ -338,17 +336,26 @@ class EvalIndex:
     prompts: np.ndarray
 
 
-def index_eval(plan: IngestPlan, results: list[dict], drop: dict, n: int) -> EvalIndex:
-    grams, texts, prompts = [], [], []
-    for table in split_tables(plan, results, drop, "eval"):
-        rows = table.column("messages").to_pylist()
-        whole = plain_texts([content_text(m) for m in rows])
-        texts.append(fingerprints(whole))
-        prompts.append(fingerprints([content_text(context_of(m)) for m in rows if len(m) > 1]))
-        if n:
-            grams.append(ngram_hashes(whole, n)[0])
+def write_eval(plan: IngestPlan, results: list[dict], drop: dict, n: int, path: Path) -> tuple[EvalIndex, np.ndarray]:
+    """Write eval.parquet and, in the same pass, index what contamination is checked against;
+    returns the index and the eval rows' token lengths."""
+    grams, texts, prompts, lengths = [], [], [], []
+    with pq.ParquetWriter(path, ROW_SCHEMA) as writer:
+        for table in split_tables(plan, results, drop, "eval"):
+            writer.write_table(table)
+            lengths.append(table.column("tokens").to_numpy())
+            rows = table.column("messages").to_pylist()
+            whole = plain_texts([content_text(m) for m in rows])
+            texts.append(fingerprints(whole))
+            prompts.append(fingerprints([content_text(context_of(m)) for m in rows if len(m) > 1]))
+            if n:
+                grams.append(ngram_hashes(whole, n)[0])
     table_of = lambda parts: np.unique(np.concatenate(parts)) if parts else np.empty(0, np.uint64)  # noqa: E731
-    return EvalIndex(table_of(grams), table_of(texts), table_of(prompts))
+    return EvalIndex(table_of(grams), table_of(texts), table_of(prompts)), joined(lengths)
+
+
+def joined(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.empty(0, np.int32)
 
 
 def split_tables(plan: IngestPlan, results: list[dict], drop: dict[int, np.ndarray], split: str):
@@ -380,21 +387,19 @@ def contamination(table: pa.Table, index: EvalIndex, n: int) -> dict[int, str]:
     return reasons
 
 
-def write_splits(plan: IngestPlan, results: list[dict], drop: dict, index: EvalIndex, cfg: EtlConfig,
-                 tmp: Path, removed: Removed) -> dict[str, np.ndarray]:
-    """Write train.parquet (contamination removed) and eval.parquet; return each split's token lengths."""
-    lengths: dict[str, list] = {"train": [], "eval": []}
-    for split in ("eval", "train"):
-        with pq.ParquetWriter(tmp / f"{split}.parquet", ROW_SCHEMA) as writer:
-            for table in split_tables(plan, results, drop, split):
-                if split == "train":
-                    reasons = contamination(table, index, cfg.contamination_ngram)
-                    for i, reason in sorted(reasons.items()):
-                        removed.add("contaminated", table.slice(i, 1).to_pylist()[0], reason)
-                    table = table.filter(pa.array([i not in reasons for i in range(table.num_rows)]))
-                writer.write_table(table)
-                lengths[split].append(table.column("tokens").to_numpy())
-    return {k: np.concatenate(v) if v else np.empty(0, np.int32) for k, v in lengths.items()}
+def write_train(plan: IngestPlan, results: list[dict], drop: dict, index: EvalIndex, cfg: EtlConfig,
+                path: Path, removed: Removed) -> np.ndarray:
+    """Write train.parquet without the rows that contaminate eval; return its token lengths."""
+    lengths = []
+    with pq.ParquetWriter(path, ROW_SCHEMA) as writer:
+        for table in split_tables(plan, results, drop, "train"):
+            reasons = contamination(table, index, cfg.contamination_ngram)
+            for i, reason in sorted(reasons.items()):
+                removed.add("contaminated", table.slice(i, 1).to_pylist()[0], reason)
+            table = table.filter(pa.array([i not in reasons for i in range(table.num_rows)]))
+            writer.write_table(table)
+            lengths.append(table.column("tokens").to_numpy())
+    return joined(lengths)
 
 
 def length_stats(lengths: np.ndarray) -> dict:
@@ -440,8 +445,9 @@ def merge_shards(plan: IngestPlan, results: list[dict], cfg: EtlConfig) -> Datas
         removed = Removed(tmp / "removed.jsonl")
         try:
             drop = find_duplicates(plan, results, cfg, removed)
-            index = index_eval(plan, results, drop, cfg.contamination_ngram)
-            lengths = write_splits(plan, results, drop, index, cfg, tmp, removed)
+            index, eval_lengths = write_eval(plan, results, drop, cfg.contamination_ngram, tmp / "eval.parquet")
+            lengths = {"train": write_train(plan, results, drop, index, cfg, tmp / "train.parquet", removed),
+                       "eval": eval_lengths}
         finally:
             removed.close()
         concat_quarantine(plan, results, tmp / "quarantine.jsonl")

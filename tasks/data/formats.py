@@ -32,6 +32,10 @@ class DataError(ValueError):
     """A whole input cannot be used; the message names the file."""
 
 
+class EmptyFolder(DataError):
+    """A folder source holds no data file (a watched folder starts that way)."""
+
+
 @dataclass(frozen=True)
 class Shard:
     """A piece of one source read by one task: bytes [start, end) of a JSONL file, row groups
@@ -107,7 +111,7 @@ def expand_source(source: str, fmt: str) -> list[tuple[str, str]]:
               and (fmt != "auto" or base_suffix(p) in EXTENSIONS)):
             out.append((uri, fmt if fmt != "auto" else detect_format(uri)))
     if not out:
-        raise DataError(f"folder {source} holds no file of a known format ({', '.join(sorted(EXTENSIONS))}); pass --format")
+        raise EmptyFolder(f"folder {source} holds no file of a known format ({', '.join(sorted(EXTENSIONS))}); pass --format")
     return out
 
 

@@ -21,6 +21,7 @@ SHAPES: tuple[str, ...] = ("chat", "sharegpt", "alpaca", "prompt-completion", "t
 # Keys that identify a shape, checked in SHAPES order ("text" last: chat rows may carry a text field).
 SIGNATURES = {"chat": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
               "prompt-completion": ("prompt", "completion"), "text": ("text",)}
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system"}
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200c\u200d\u2060\ufeff]")
@@ -94,28 +95,28 @@ def check_turns(messages: list[dict]) -> list[dict]:
     return messages
 
 
-def chat_messages(obj: dict) -> list[dict]:
+def turns(obj: dict, key: str, noun: str, speaker: str, content: str, roles: dict[str, str], unknown: str) -> list[dict]:
+    """A list of turn objects as canonical messages: `speaker` names the role (mapped by `roles`),
+    `content` holds the text; `unknown` is the reason for a speaker not in `roles`."""
     out = []
-    for i, m in enumerate(list_field(obj, "messages"), start=1):
+    for i, m in enumerate(list_field(obj, key), start=1):
         if not isinstance(m, dict):
-            raise RowError(f"message {i} is {json_type(m)}, not an object")
-        role = text_field(m, "role", where=f"messages[{i}].")
-        if role not in ("system", "user", "assistant"):
-            raise RowError(f"message {i} has unknown role '{role}' (system, user or assistant)")
-        out.append({"role": role, "content": text_field(m, "content", where=f"messages[{i}].")})
+            raise RowError(f"{noun} {i} is {json_type(m)}, not an object")
+        who = text_field(m, speaker, where=f"{key}[{i}].")
+        if who.lower() not in roles:
+            raise RowError(unknown.format(i=i, who=who))
+        out.append({"role": roles[who.lower()], "content": text_field(m, content, where=f"{key}[{i}].")})
     return check_turns(out)
+
+
+def chat_messages(obj: dict) -> list[dict]:
+    return turns(obj, "messages", "message", "role", "content", CHAT_ROLES,
+                 "message {i} has unknown role '{who}' (system, user or assistant)")
 
 
 def sharegpt_messages(obj: dict) -> list[dict]:
-    out = []
-    for i, m in enumerate(list_field(obj, "conversations"), start=1):
-        if not isinstance(m, dict):
-            raise RowError(f"turn {i} is {json_type(m)}, not an object")
-        who = text_field(m, "from", where=f"conversations[{i}].")
-        if who.lower() not in SHAREGPT_ROLES:
-            raise RowError(f"turn {i} is from unknown speaker '{who}' ({', '.join(sorted(SHAREGPT_ROLES))})")
-        out.append({"role": SHAREGPT_ROLES[who.lower()], "content": text_field(m, "value", where=f"conversations[{i}].")})
-    return check_turns(out)
+    return turns(obj, "conversations", "turn", "from", "value", SHAREGPT_ROLES,
+                 "turn {i} is from unknown speaker '{who}' (" + ", ".join(sorted(SHAREGPT_ROLES)) + ")")
 
 
 def alpaca_messages(obj: dict) -> list[dict]:
