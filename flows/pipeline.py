@@ -15,8 +15,8 @@ from tasks.quantize import quantize_task
 from tasks.register import register_task
 from tasks.report import log_dataset_task, report_data_task, report_results_task
 from tasks.select import select_task
-from tasks.tracking import close_run_task, fail_flow_runs, open_run_task, track_stages_task
-from tasks.train import prepare_models_task, train_draft_task, train_lora_task
+from tasks.tracking import close_run_task, fail_flow_runs, open_run_task, open_stage_run_task, track_stages_task
+from tasks.train import finetune_task, prepare_models_task, train_draft_task
 
 
 def mark_tracking_failed(flow, flow_run, state) -> None:
@@ -33,10 +33,11 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     run = open_run_task(config, dataset, home)
     log_dataset_task(config, run, dataset, home)
     base, draft_init = prepare_models_task(config.model, home, config.train.device)
-    finetuned = train_lora_task(base, dataset, config.train, config.model, home)
-    draft = train_draft_task(finetuned, draft_init, dataset, config.train, home)
+    live = {stage: open_stage_run_task(run, config, home, stage) for stage in ("train", "draft")}
+    finetuned = finetune_task(base, dataset, config.train, config.model, home, live["train"])
+    draft = train_draft_task(finetuned, draft_init, dataset, config.train, home, live["draft"])
     quantized = quantize_task(finetuned, dataset, config.quant, home, config.train.device)
-    track_stages_task(run, config, home, dataset, finetuned, draft, quantized)
+    track_stages_task(run, config, home, dataset, finetuned, draft, quantized, live)
     candidates = build_candidates_task(quantized, draft, config.decode, home)
     reports = [evaluate_task(c, dataset, config.eval, home) for c in candidates]
     base_report = evaluate_task(build_reference_task(base, finetuned, config.decode, home), dataset, config.eval, home)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Device = Literal["auto", "cpu", "cuda"]
 QuantMethod = Literal["none", "gptq-int4", "gptq-int8", "torchao-int8-dyn", "torchao-int8-wo", "torchao-int4-wo",
@@ -73,11 +73,16 @@ class ModelConfig(StrictModel):
     trust_remote_code: Literal[False] = Field(False, description="Never run code shipped with weights.")
 
 
+TrainMethod = Literal["lora", "qlora", "full"]
+
+
 class LoraConfig(StrictModel):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules that get adapters.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters; all-linear: every linear layer of the architecture except "
+                                  "the output head (peft's per-architecture default), or a list such as [q_proj, v_proj].")
     modules_to_save: list[str] = Field(
         default_factory=list,
         description="Modules trained in full beside the adapters, e.g. [embed_tokens] when the tokenizer has tokens "
@@ -85,19 +90,66 @@ class LoraConfig(StrictModel):
     )
 
 
-class TrainConfig(StrictModel):
-    """LoRA fine-tuning of the base and distillation of the draft."""
+class QLoraConfig(StrictModel):
+    """QLoRA: the frozen base loaded in 4 bits by bitsandbytes under the LoRA adapter (train.method=qlora)."""
 
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (about 0.4 bit per weight less).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the 4-bit matmuls; auto: bfloat16 on a GPU, float32 on the CPU.")
+
+
+class TrainConfig(StrictModel):
+    """Fine-tuning of the base (LoRA, QLoRA or full) and distillation of the draft.
+
+    `batch_size` is the global batch: sequences per optimizer step over all processes and
+    accumulation steps together, so changing `num_processes` or `grad_accum` changes speed and
+    memory, not the result.
+    """
+
+    method: TrainMethod = Field("lora", description="lora: adapters on a frozen base; qlora: the same on a 4-bit base "
+                                                    "(bitsandbytes); full: every weight trained (small models).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    steps: int = Field(300, ge=1, description="Optimizer steps of LoRA fine-tuning.")
-    batch_size: int = Field(16, ge=1)
+    qlora: QLoraConfig = Field(default_factory=QLoraConfig)
+    steps: int = Field(300, ge=1, description="Optimizer steps of fine-tuning (ignored when epochs is set).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training split; when set, decides the steps.")
+    batch_size: int = Field(16, ge=1, description="Global batch: sequences per optimizer step, all processes together.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches each process accumulates per optimizer step.")
     learning_rate: float = Field(2e-3, gt=0, lt=1)
+    lr_schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup (transformers' get_scheduler names).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
     max_seq_len: int = Field(160, ge=16)
+    packing: bool = Field(False, description="Pack several rows into each max_seq_len sequence (attention kept within "
+                                             "each row) instead of padding every row of a batch to the longest.")
+    log_every: int = Field(10, ge=1, description="Steps between progress/MLflow points (loss, learning rate, grad norm, tokens/s).")
+    checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints (weights being trained, optimizer, "
+                                                         "scheduler, RNG, data position); a rerun resumes from the last; 0 = none.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    eval_rows: int = Field(256, ge=1, description="Eval-split rows the eval loss is measured on.")
+    eval_every: int = Field(0, ge=0, description="Steps between eval-loss measurements; 0 = only at the end.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop after this many eval-loss measurements without "
+                                                              "improvement and keep the best weights; 0 = off.")
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="Smallest eval-loss drop that counts as improvement.")
+    num_processes: int = Field(1, ge=1, description="Training processes; >1 launches the same code with torchrun (CPU, gloo) "
+                                                    "or accelerate launch (GPU, DDP; FSDP through accelerate_config).")
+    accelerate_config: str | None = Field(None, description="accelerate config file for multi-GPU runs (FSDP, mixed precision).")
     draft_steps: int = Field(300, ge=0, description="Steps to train the draft on the target's own completions (0 = skip).")
     draft_learning_rate: float = Field(3e-3, gt=0, lt=1)
     distill_prompts: int = Field(512, ge=1, description="Training prompts the target completes to teach the draft.")
     seed: int = 0
     device: Device = "auto"
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "TrainConfig":
+        share = self.num_processes * self.grad_accum
+        if self.batch_size % share:
+            raise ValueError(f"batch_size {self.batch_size} does not split evenly over num_processes x grad_accum = {share}")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError("early_stopping_patience needs eval_every > 0 (how often eval loss is measured)")
+        return self
 
 
 class QuantConfig(StrictModel):

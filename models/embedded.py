@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from models.artifacts import atomic_dir, digest, write_json
 from models.chat import EMBEDDED_CHAT_TEMPLATE
 from models.config import EmbeddedBuildConfig, TinyLlamaSpec
-from models.training import TokenBlocks, fit_causal_lm
+from models.training import FitSpec, TokenBlocks, fit
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,10 @@ def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, r
     texts = pretraining_texts(cfg)
     base = new_llama(cfg.base, tokenizer, cfg.seed)
     blocks = TokenBlocks.from_texts(texts, tokenizer, cfg.pretrain_seq_len, cfg.pretrain_copy_every, cfg.seed)
-    stats = fit_causal_lm(
-        base, blocks, steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size,
-        lr=cfg.pretrain_lr, seed=cfg.seed, device=device, desc="pretrain base",
-    )
+    stats = fit(base, blocks, FitSpec(steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
+                                      seed=cfg.seed, desc="pretrain base", log_every=max(1, cfg.pretrain_steps // 20)),
+                device=device)
+    stats.pop("history")
     with atomic_dir(base_dir) as tmp:
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

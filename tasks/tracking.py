@@ -109,16 +109,32 @@ def numbers_of(d: dict) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def log_stage(client: MlflowClient, parent_id: str, stage: str, metrics: dict, files: list[Path], params: dict | None = None) -> str:
-    """One finished nested run for a stage: its numbers as metrics, its summary files as artifacts."""
-    run_id = start_child_run(client, parent_id, stage, {"smelt.stage": stage})
-    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in numbers_of(metrics).items()],
+def log_stage(client: MlflowClient, parent_id: str, stage: str, metrics: dict, files: list[Path], params: dict | None = None,
+              run_id: str | None = None) -> str:
+    """Finish a stage's nested run (made here unless `run_id` is one opened when the stage began):
+    its numbers as metrics, its summary files as artifacts. A `history` of per-step points that the
+    stage did not already log live (its result was reused) is written now, at the same steps."""
+    run_id = run_id or start_child_run(client, parent_id, stage, {"smelt.stage": stage})
+    history = metrics.get("history") or []
+    if history and not client.get_metric_history(run_id, "loss"):
+        points = [Metric(k, float(v), 0, int(h["step"])) for h in history for k, v in h.items() if k != "step"]
+        for i in range(0, len(points), 1000):  # log_batch takes at most 1000 metrics per call
+            client.log_batch(run_id, metrics=points[i:i + 1000])
+    final = {k: v for k, v in numbers_of(metrics).items() if not (history and k in history[-1])}
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in final.items()],
                      params=[Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in (params or {}).items()])
     for f in files:
         if Path(f).exists():
             client.log_artifact(run_id, str(f), artifact_path=stage)
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def open_stage_run(parent_id: str, cfg: PipelineConfig, home: Path, stage: str) -> tuple[str, str]:
+    """A nested run opened before a stage starts, so the stage can log per-step metrics into it live.
+    Returns (tracking URI, run id): what a training process needs to reach it."""
+    client = use_tracking(cfg.registry, home)
+    return client.tracking_uri, start_child_run(client, parent_id, stage, {"smelt.stage": stage})
 
 
 COLSPEC_TYPES = {"string": "string", "int64": "long", "int32": "integer"}
@@ -141,17 +157,22 @@ def log_dataset_input(client: MlflowClient, run_id: str, dataset: DatasetVersion
 
 
 def log_stages(run_id: str, cfg: PipelineConfig, home: Path, dataset: DatasetVersion,
-               finetuned: Path, draft: Path | None, quantized: dict[str, Path]) -> None:
+               finetuned: Path, draft: Path | None, quantized: dict[str, Path], live: dict[str, tuple[str, str]] | None = None) -> None:
     """Nested runs for the stages before evaluation, from the summaries each stage wrote to disk."""
     client = use_tracking(cfg.registry, home)
     log_stage(client, run_id, "etl", dataset.counts, [dataset.path / "manifest.json", dataset.path / "quarantine.jsonl",
                                                       dataset.path / "removed.jsonl"],
               {"dataset_version": dataset.version, "path": dataset.path})
-    train_run = log_stage(client, run_id, "train", read_json(finetuned / "train.json"), [finetuned / "train.json"],
-                          {"artifact": finetuned.name})
+    live = live or {}
+    train = read_json(finetuned / "train.json")
+    train_run = log_stage(client, run_id, "train", train, [finetuned / "train.json"],
+                          {"artifact": finetuned.name, "method": train.get("method")}, run_id=live.get("train", (None, None))[1])
     log_dataset_input(client, train_run, dataset, "training")
     if draft is not None:
-        log_stage(client, run_id, "draft", read_json(draft / "train.json"), [draft / "train.json"], {"artifact": draft.name})
+        log_stage(client, run_id, "draft", read_json(draft / "train.json"), [draft / "train.json"], {"artifact": draft.name},
+                  run_id=live.get("draft", (None, None))[1])
+    elif "draft" in live:
+        client.set_terminated(live["draft"][1], "FINISHED")  # no draft to train: an empty run, closed
     for method, qdir in quantized.items():
         log_stage(client, run_id, f"quantize-{method}", {"size_bytes": dir_size_bytes(qdir)}, [qdir / "smelt_quant.json"], {"artifact": qdir.name})
 
@@ -184,10 +205,16 @@ def open_run_task(cfg: PipelineConfig, dataset: DatasetVersion, home: str) -> st
     return open_pipeline_run(cfg, dataset, Path(home))
 
 
+@task(name="open-stage-run", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
+def open_stage_run_task(run_id: str, cfg: PipelineConfig, home: str, stage: str) -> tuple[str, str]:
+    return open_stage_run(run_id, cfg, Path(home), stage)
+
+
 @task(name="track-stages", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
 def track_stages_task(run_id: str, cfg: PipelineConfig, home: str, dataset: DatasetVersion,
-                      finetuned: Path, draft: Path | None, quantized: dict[str, Path]) -> None:
-    log_stages(run_id, cfg, Path(home), dataset, finetuned, draft, quantized)
+                      finetuned: Path, draft: Path | None, quantized: dict[str, Path],
+                      live: dict[str, tuple[str, str]] | None = None) -> None:
+    log_stages(run_id, cfg, Path(home), dataset, finetuned, draft, quantized, live)
 
 
 @task(name="close-tracking-run", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)

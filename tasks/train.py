@@ -2,28 +2,28 @@
 then distil the draft from the fine-tuned target's own completions."""
 from __future__ import annotations
 
-import copy
 import logging
+import shutil
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
 from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import atomic_dir, digest, write_json
 from models.chat import render_context, row_context, row_messages, tokenize_conversation
 from models.config import ModelConfig, TrainConfig
+from models.decoding import draft_agreement
 from models.device import resolve_device
 from models.embedded import build_embedded
-from models.training import ExampleSet, fit_causal_lm
-from tasks.caching import STAGE_CACHE
+from models.finetune import STATS, TrainJob, merge_adapter, train
+from tasks.caching import PackageSource
 from tasks.config import REPO_ROOT
 from tasks.etl import DatasetVersion
 
 log = logging.getLogger(__name__)
+DRAFT_EVAL_ROWS = 64  # eval prompts the draft's acceptance rate is measured on, before and after distillation
 
 
 def prepare_models(cfg: ModelConfig, home: Path, device: str = "auto") -> tuple[str, str | None]:
@@ -45,38 +45,60 @@ def load_tokenizer(source: str, chat_template: str | None):
     return tok
 
 
-def training_examples(tokenizer, rows: list[dict], max_len: int) -> ExampleSet:
-    return ExampleSet([tokenize_conversation(tokenizer, row_messages(r), max_len) for r in rows])
+def training_examples(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
+    """Rows as the trainer takes them: token ids and labels (-100 on everything but the answer)."""
+    return [{"input_ids": e.input_ids, "labels": e.labels}
+            for e in (tokenize_conversation(tokenizer, row_messages(r), max_len) for r in rows)]
 
 
-def train_lora(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig, home: Path) -> Path:
-    """LoRA-fine-tune `base` on the train split; save the adapter and the merged model. Returns merged dir."""
-    key = digest("lora-v1", base, dataset.version, cfg, model_cfg.chat_template)
+# Settings that change how fast or how visibly training runs, never what it learns: outside the key,
+# so a rerun with more processes or other checkpoint spacing reuses (and resumes) the same work.
+RUN_ONLY = {"num_processes", "accelerate_config", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
+DRAFT_ONLY = {"draft_steps", "draft_learning_rate", "distill_prompts"}
+
+
+def finetune_key(base: str, dataset: DatasetVersion, cfg: TrainConfig, chat_template: str | None) -> str:
+    return digest("finetune-v2", base, dataset.version, cfg.model_dump(mode="json", exclude=RUN_ONLY | DRAFT_ONLY), chat_template)
+
+
+def write_rows(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rows, path)
+    return str(path)
+
+
+def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig, home: Path,
+               tracking: tuple[str, str] | None = None) -> Path:
+    """Fine-tune `base` on the train split (train.method: lora, qlora or full). Returns a folder with
+    `merged/` (what gets quantized), `adapter/` for LoRA/QLoRA, and `train.json`.
+
+    An interrupted run leaves its checkpoints in `models/.work-finetuned-<key>/`; running the same
+    config again resumes from the last one. `tracking` = (tracking URI, MLflow run id) for per-step metrics.
+    """
+    key = finetune_key(base, dataset, cfg, model_cfg.chat_template)
     out = home / "models" / f"finetuned-{key}"
     if out.exists():
         return out
-    device = resolve_device(cfg.device)
+    work = home / "models" / f".work-finetuned-{key}"
     tokenizer = load_tokenizer(base, model_cfg.chat_template)
-    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
-    lora = cfg.lora
-    peft_model = get_peft_model(model, PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        # Copies: peft edits these lists in place, which would change our config (and every hash
-        # taken of it later in the run).
-        target_modules=copy.copy(lora.target_modules), task_type="CAUSAL_LM",
-        modules_to_save=list(lora.modules_to_save) or None, ensure_weight_tying=bool(lora.modules_to_save),
-    ))
-    stats = fit_causal_lm(
-        peft_model, training_examples(tokenizer, dataset.rows("train"), cfg.max_seq_len),
-        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.learning_rate, seed=cfg.seed,
-        device=device, desc="LoRA fine-tune", pad_id=tokenizer.pad_token_id,
+    job = TrainJob(
+        source=base, method=cfg.method, train=cfg, steps=cfg.steps, lr=cfg.learning_rate, desc=f"fine-tune ({cfg.method})",
+        rows=write_rows(work / "train-rows.pt", training_examples(tokenizer, dataset.rows("train"), cfg.max_seq_len)),
+        eval_rows=write_rows(work / "eval-rows.pt", training_examples(tokenizer, dataset.rows("eval")[: cfg.eval_rows], cfg.max_seq_len)),
+        out=str(work / "trained"), checkpoints=str(work / "checkpoints"), pad_id=tokenizer.pad_token_id,
+        tracking_uri=tracking[0] if tracking else None, run_id=tracking[1] if tracking else None,
     )
+    stats = train(job)
     with atomic_dir(out) as tmp:
-        peft_model.save_pretrained(tmp / "adapter")  # the small artifact, kept beside the merge
-        merged = peft_model.merge_and_unload()
-        merged.save_pretrained(tmp / "merged")
+        if cfg.method == "full":
+            shutil.copytree(work / "trained", tmp / "merged", ignore=shutil.ignore_patterns(STATS))
+        else:
+            shutil.copytree(work / "trained", tmp / "adapter", ignore=shutil.ignore_patterns(STATS))  # the small artifact
+            merge_adapter(base, tmp / "adapter", tmp / "merged")
         tokenizer.save_pretrained(tmp / "merged")  # carries the chat template used in training
-        write_json(tmp / "train.json", {"base": base, "dataset": dataset.version, "config": cfg.model_dump(), **stats})
+        write_json(tmp / "train.json", {"base": base, "dataset": dataset.version, "method": cfg.method,
+                                        "config": cfg.model_dump(), **stats})
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints are for resuming; the result is now in place
     return out
 
 
@@ -94,34 +116,60 @@ def complete_prompts(model, tokenizer, prompts: list[str | list[dict]], max_new_
     return outs
 
 
-def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: TrainConfig, home: Path) -> Path | None:
-    """Sequence-level distillation: the draft learns to reproduce the target's greedy completions."""
+def acceptance_of(draft, tokenizer, prompts: list[list[dict]], targets: list[list[int]]) -> float:
+    """Share of the target's greedy tokens the draft predicts (its speculative acceptance rate)."""
+    agree = total = 0
+    for prompt, target in zip(prompts, targets):
+        prompt_ids = tokenizer(render_context(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        a, t = draft_agreement(target, prompt_ids, draft)
+        agree, total = agree + a, total + t
+    return agree / total if total else 0.0
+
+
+def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: TrainConfig, home: Path,
+                tracking: tuple[str, str] | None = None) -> Path | None:
+    """Sequence-level distillation: the draft learns to reproduce the target's greedy completions.
+    Its acceptance rate against the target is measured on the eval split before and after."""
     if cfg.draft_steps == 0:
         return None
-    key = digest("draft-v1", str(finetuned), draft_init, dataset.version, cfg)
+    key = digest("draft-v2", str(finetuned), draft_init, dataset.version, cfg.model_dump(mode="json", exclude=RUN_ONLY))
     out = home / "models" / f"draft-{key}"
     if out.exists():
         return out
+    work = home / "models" / f".work-draft-{key}"
     device = resolve_device(cfg.device)
     target_dir = finetuned / "merged"
     tokenizer = load_tokenizer(str(target_dir), None)
     target = AutoModelForCausalLM.from_pretrained(target_dir, use_safetensors=True).to(device).eval()
     prompts = [row_context(r) for r in dataset.rows("train")[: cfg.distill_prompts]]
     completions = complete_prompts(target, tokenizer, prompts, max_new_tokens=cfg.max_seq_len // 2)
+    eval_prompts = [row_context(r) for r in dataset.rows("eval")[:DRAFT_EVAL_ROWS]]
+    eval_targets = [tokenizer(c, add_special_tokens=False)["input_ids"]
+                    for c in complete_prompts(target, tokenizer, eval_prompts, max_new_tokens=cfg.max_seq_len // 2)]
     del target
-    draft = AutoModelForCausalLM.from_pretrained(draft_init, use_safetensors=True)
+    init = AutoModelForCausalLM.from_pretrained(draft_init, use_safetensors=True).to(device).eval()
+    before = acceptance_of(init, tokenizer, eval_prompts, eval_targets)
+    del init
     # Empty completions stay: "stop at once" is also behaviour the draft must imitate.
     rows = [{"messages": [*p, {"role": "assistant", "content": c}]} for p, c in zip(prompts, completions)]
-    stats = fit_causal_lm(
-        draft, training_examples(tokenizer, rows, cfg.max_seq_len), steps=cfg.draft_steps,
-        batch_size=cfg.batch_size, lr=cfg.draft_learning_rate, seed=cfg.seed, device=device,
-        desc="distil draft", pad_id=tokenizer.pad_token_id,
-    )
+    draft_cfg = cfg.model_copy(update={"method": "full", "epochs": None, "early_stopping_patience": 0, "eval_every": 0})
+    stats = train(TrainJob(
+        source=draft_init, method="full", train=draft_cfg, steps=cfg.draft_steps, lr=cfg.draft_learning_rate,
+        desc="distil draft", rows=write_rows(work / "train-rows.pt", training_examples(tokenizer, rows, cfg.max_seq_len)),
+        out=str(work / "trained"), checkpoints=str(work / "checkpoints"), pad_id=tokenizer.pad_token_id,
+        tracking_uri=tracking[0] if tracking else None, run_id=tracking[1] if tracking else None,
+    ))
+    draft = AutoModelForCausalLM.from_pretrained(work / "trained", use_safetensors=True).to(device).eval()
+    after = acceptance_of(draft, tokenizer, eval_prompts, eval_targets)
+    log.info("draft acceptance on %d eval rows: %.1f%% before distillation, %.1f%% after", len(eval_prompts),
+             100 * before, 100 * after)
     with atomic_dir(out) as tmp:
         draft.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / "train.json", {"target": str(finetuned), "draft_init": draft_init,
-                                        "distill_rows": len(rows), **stats})
+        write_json(tmp / "train.json", {"target": str(finetuned), "draft_init": draft_init, "distill_rows": len(rows),
+                                        "acceptance_before": before, "acceptance_after": after,
+                                        "acceptance_rows": len(eval_prompts), **stats})
+    shutil.rmtree(work, ignore_errors=True)
     return out
 
 
@@ -132,11 +180,17 @@ def prepare_models_task(cfg: ModelConfig, home: str, device: str) -> tuple[str, 
     return prepare_models(cfg, Path(home), device)
 
 
-@task(name="train-lora", cache_policy=STAGE_CACHE, persist_result=True)
-def train_lora_task(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig, home: str) -> Path:
-    return train_lora(base, dataset, cfg, model_cfg, Path(home))
+# The tracking run is where live metrics go, not an input of the work: outside the cache key.
+TRAIN_CACHE = (INPUTS - "tracking") + TASK_SOURCE + PackageSource()
 
 
-@task(name="train-draft", cache_policy=STAGE_CACHE, persist_result=True)
-def train_draft_task(finetuned: Path, draft_init: str | None, dataset: DatasetVersion, cfg: TrainConfig, home: str) -> Path | None:
-    return None if draft_init is None else train_draft(finetuned, draft_init, dataset, cfg, home=Path(home))
+@task(name="fine-tune", cache_policy=TRAIN_CACHE, persist_result=True)
+def finetune_task(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig, home: str,
+                  tracking: tuple[str, str] | None = None) -> Path:
+    return finetune(base, dataset, cfg, model_cfg, Path(home), tracking)
+
+
+@task(name="train-draft", cache_policy=TRAIN_CACHE, persist_result=True)
+def train_draft_task(finetuned: Path, draft_init: str | None, dataset: DatasetVersion, cfg: TrainConfig, home: str,
+                     tracking: tuple[str, str] | None = None) -> Path | None:
+    return None if draft_init is None else train_draft(finetuned, draft_init, dataset, cfg, Path(home), tracking)
