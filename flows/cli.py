@@ -54,6 +54,40 @@ def run(
     print_summary(result, time.perf_counter() - t0)
 
 
+@app.command("train")
+def train_cmd(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides, e.g. train.method=qlora train.num_processes=2."),
+    config: str = typer.Option("tiny-cpu", "--config", "-c", help="Preset name (infra/configs/NAME.yaml) or path to a YAML file."),
+) -> None:
+    """ETL and training alone: fine-tune the base (train.method: lora, qlora or full) and distil the draft.
+
+    Checkpoints every train.checkpoint_every steps; if the run is killed, the same command resumes
+    from the last checkpoint. Loss, learning rate, grad norm and tokens/s go to MLflow every
+    train.log_every steps. train.num_processes=N trains on N processes (torchrun on the CPU).
+    """
+    home = configure_environment()
+    quiet_library_logs()
+    cfg = load_or_exit(config, overrides or [])
+    use_running_prefect(home)
+    from flows.pipeline import train
+    from models.artifacts import read_json
+
+    console.print(f"smelt train: preset [bold]{cfg.preset}[/bold], method {cfg.train.method}, home {home}")
+    result = train(cfg)
+    t = read_json(Path(result["finetuned"]) / "train.json")
+    resumed = f", resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else ""
+    early = f", stopped early at step {t['steps_run']}" if t.get("stopped_early") else ""
+    console.print(f"fine-tuned ({t['method']}, {t['steps_run']} steps on {t['num_processes']} process(es){resumed}{early}): "
+                  f"train loss {t['final_loss']:.4f}, eval loss {t['eval_loss'] or float('nan'):.4f}, {t['train_tokens_per_s']:,.0f} tokens/s "
+                  f"-> {result['finetuned']}")
+    if result["draft"]:
+        d = read_json(Path(result["draft"]) / "train.json")
+        pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+        console.print(f"draft distilled ({d['steps_run']} steps): acceptance on {d['acceptance_rows']} eval prompts "
+                      f"{pct(d['acceptance_before'])} before, {pct(d['acceptance_after'])} after -> {result['draft']}")
+    console.print(f"MLflow run {result['mlflow_run_id']}")
+
+
 @app.command()
 def presets() -> None:
     """List the shipped config presets."""

@@ -86,6 +86,24 @@ def etl(config: PipelineConfig = PipelineConfig()) -> dict:
     return {"mlflow_run_id": mlflow_run, "dataset": dataset.version, "counts": dataset.counts, "path": str(dataset.path)}
 
 
+@flow(name="smelt-train", flow_run_name="{config.preset}-train", log_prints=True,
+      on_failure=[mark_tracking_failed], on_crashed=[mark_tracking_failed])
+def train(config: PipelineConfig = PipelineConfig()) -> dict:
+    """ETL and training alone: fine-tune the base and distil the draft, tracked in MLflow. An
+    interrupted run resumes from its last checkpoint when started again with the same config."""
+    home = str(smelt_home())
+    dataset = ingest(config, home)
+    run = open_run_task(config, dataset, home)
+    base, draft_init = prepare_models_task(config.model, home, config.train.device)
+    live = {stage: open_stage_run_task(run, config, home, stage) for stage in ("train", "draft")}
+    finetuned = finetune_task(base, dataset, config.train, config.model, home, live["train"])
+    draft = train_draft_task(finetuned, draft_init, dataset, config.train, home, live["draft"])
+    track_stages_task(run, config, home, dataset, finetuned, draft, {}, live)
+    close_run_task(run, config, home, None, None)
+    return {"dataset": dataset.version, "counts": dataset.counts, "finetuned": str(finetuned),
+            "draft": None if draft is None else str(draft), "mlflow_run_id": run}
+
+
 @flow(name="smelt-retrain", flow_run_name="{config.preset}-retrain", log_prints=True)
 def retrain(config: PipelineConfig = PipelineConfig(), data_digest: str | None = None) -> dict:
     """The pipeline on the configured data plus the watched folder; promotes only through the gate.

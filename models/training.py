@@ -229,6 +229,14 @@ class BatchOrder:
         return [mine[i * size:(i + 1) * size] for i in range(grad_accum)]
 
 
+def batch_loss(model, batch: dict, n_labels: int) -> torch.Tensor:
+    """Summed token loss of `batch` divided by `n_labels` (the label tokens of the whole global batch).
+
+    No KV cache: transformers builds the per-row mask of packed sequences only without one.
+    """
+    return model(**batch, use_cache=False, num_items_in_batch=max(1, n_labels)).loss
+
+
 def trainable_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
@@ -261,7 +269,9 @@ def save_checkpoint(acc, root: Path, step: int, keep: int) -> Path:
 def make_accelerator(device: torch.device):
     from accelerate import Accelerator
 
-    return Accelerator(cpu=device.type == "cpu")
+    # The scheduler steps once per optimizer step: accelerate would otherwise step it once per process,
+    # assuming each process saw 1/N of the steps, which is not how BatchOrder splits the data.
+    return Accelerator(cpu=device.type == "cpu", step_scheduler_with_optimizer=False)
 
 
 @torch.no_grad()
@@ -275,7 +285,7 @@ def eval_loss(model, rows: Dataset, collate: PadCollator, batch_size: int, devic
     loss = 0.0
     for i in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))]).items()}
-        loss += model(**batch, num_items_in_batch=total).loss.item()
+        loss += batch_loss(model, batch, total).item()
     model.train(was_training)
     return loss
 
@@ -345,7 +355,7 @@ def fit(
             with ctx:
                 # sum over this micro-batch / tokens of the global batch; DDP averages gradients over
                 # processes, so multiply by their number to get the global sum back
-                loss = model(**batch, num_items_in_batch=max(1, n_labels)).loss
+                loss = batch_loss(model, batch, n_labels)
                 acc.backward(loss * world)
             step_loss += loss.item()
             step_tokens += sum(len(rows[i]["input_ids"]) for i in idx)
@@ -362,7 +372,7 @@ def fit(
         window_tokens += step_tokens
         bar.update(1)
 
-        if spec.eval_every and eval_rows is not None and progress.step % spec.eval_every == 0 and progress.step < spec.steps:
+        if spec.eval_every and eval_rows and progress.step % spec.eval_every == 0 and progress.step < spec.steps:
             last_eval = eval_loss(inner, eval_rows, collate, max(1, spec.batch_size // world), acc.device)
             track_best(progress, inner, last_eval, spec)
             if acc.is_main_process and on_log:
@@ -385,7 +395,7 @@ def fit(
     if progress.stopped_early and progress.best_state:
         restore(inner, progress.best_state)
     final_eval = eval_loss(inner, eval_rows, collate, max(1, spec.batch_size // world), acc.device) \
-        if eval_rows is not None and len(eval_rows) else None
+        if eval_rows else None
     acc.wait_for_everyone()
     losses = [h["loss"] for h in progress.history]
     stats = {

@@ -177,10 +177,12 @@ def log_stages(run_id: str, cfg: PipelineConfig, home: Path, dataset: DatasetVer
         log_stage(client, run_id, f"quantize-{method}", {"size_bytes": dir_size_bytes(qdir)}, [qdir / "smelt_quant.json"], {"artifact": qdir.name})
 
 
-def finish_pipeline_run(run_id: str, cfg: PipelineConfig, home: Path, registry: dict, bento: dict | None) -> None:
+def finish_pipeline_run(run_id: str, cfg: PipelineConfig, home: Path, registry: dict | None, bento: dict | None) -> None:
+    """Tag the parent run with the registry outcome (none for a training-only run) and end it."""
     client = use_tracking(cfg.registry, home)
-    tags = [RunTag("smelt.challenger", str(registry["challenger"])), RunTag("smelt.promoted", str(registry["promoted"])),
-            RunTag("smelt.gate_reason", registry["gate_reason"][:5000]), RunTag("smelt.champion", str(registry["champion"]))]
+    tags = [] if registry is None else [
+        RunTag("smelt.challenger", str(registry["challenger"])), RunTag("smelt.promoted", str(registry["promoted"])),
+        RunTag("smelt.gate_reason", registry["gate_reason"][:5000]), RunTag("smelt.champion", str(registry["champion"]))]
     if bento:
         tags.append(RunTag("smelt.bento", bento["bento_tag"]))
     client.log_batch(run_id, tags=tags)
@@ -218,5 +220,5 @@ def track_stages_task(run_id: str, cfg: PipelineConfig, home: str, dataset: Data
 
 
 @task(name="close-tracking-run", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
-def close_run_task(run_id: str, cfg: PipelineConfig, home: str, registry: dict, bento: dict | None) -> None:
+def close_run_task(run_id: str, cfg: PipelineConfig, home: str, registry: dict | None, bento: dict | None) -> None:
     finish_pipeline_run(run_id, cfg, Path(home), registry, bento)

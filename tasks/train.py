@@ -61,6 +61,11 @@ def finetune_key(base: str, dataset: DatasetVersion, cfg: TrainConfig, chat_temp
     return digest("finetune-v2", base, dataset.version, cfg.model_dump(mode="json", exclude=RUN_ONLY | DRAFT_ONLY), chat_template)
 
 
+def eval_split(dataset: DatasetVersion, n: int) -> list[dict]:
+    """The first `n` eval rows (none when the version has no eval split)."""
+    return dataset.rows("eval")[:n] if (dataset.path / "eval.parquet").exists() else []
+
+
 def write_rows(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(rows, path)
@@ -84,7 +89,7 @@ def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: Mo
     job = TrainJob(
         source=base, method=cfg.method, train=cfg, steps=cfg.steps, lr=cfg.learning_rate, desc=f"fine-tune ({cfg.method})",
         rows=write_rows(work / "train-rows.pt", training_examples(tokenizer, dataset.rows("train"), cfg.max_seq_len)),
-        eval_rows=write_rows(work / "eval-rows.pt", training_examples(tokenizer, dataset.rows("eval")[: cfg.eval_rows], cfg.max_seq_len)),
+        eval_rows=write_rows(work / "eval-rows.pt", training_examples(tokenizer, eval_split(dataset, cfg.eval_rows), cfg.max_seq_len)),
         out=str(work / "trained"), checkpoints=str(work / "checkpoints"), pad_id=tokenizer.pad_token_id,
         tracking_uri=tracking[0] if tracking else None, run_id=tracking[1] if tracking else None,
     )
@@ -116,14 +121,14 @@ def complete_prompts(model, tokenizer, prompts: list[str | list[dict]], max_new_
     return outs
 
 
-def acceptance_of(draft, tokenizer, prompts: list[list[dict]], targets: list[list[int]]) -> float:
+def acceptance_of(draft, tokenizer, prompts: list[list[dict]], targets: list[list[int]]) -> float | None:
     """Share of the target's greedy tokens the draft predicts (its speculative acceptance rate)."""
     agree = total = 0
     for prompt, target in zip(prompts, targets):
         prompt_ids = tokenizer(render_context(tokenizer, prompt), add_special_tokens=False)["input_ids"]
         a, t = draft_agreement(target, prompt_ids, draft)
         agree, total = agree + a, total + t
-    return agree / total if total else 0.0
+    return agree / total if total else None
 
 
 def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: TrainConfig, home: Path,
@@ -143,7 +148,7 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
     target = AutoModelForCausalLM.from_pretrained(target_dir, use_safetensors=True).to(device).eval()
     prompts = [row_context(r) for r in dataset.rows("train")[: cfg.distill_prompts]]
     completions = complete_prompts(target, tokenizer, prompts, max_new_tokens=cfg.max_seq_len // 2)
-    eval_prompts = [row_context(r) for r in dataset.rows("eval")[:DRAFT_EVAL_ROWS]]
+    eval_prompts = [row_context(r) for r in eval_split(dataset, DRAFT_EVAL_ROWS)]
     eval_targets = [tokenizer(c, add_special_tokens=False)["input_ids"]
                     for c in complete_prompts(target, tokenizer, eval_prompts, max_new_tokens=cfg.max_seq_len // 2)]
     del target
@@ -161,8 +166,7 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
     ))
     draft = AutoModelForCausalLM.from_pretrained(work / "trained", use_safetensors=True).to(device).eval()
     after = acceptance_of(draft, tokenizer, eval_prompts, eval_targets)
-    log.info("draft acceptance on %d eval rows: %.1f%% before distillation, %.1f%% after", len(eval_prompts),
-             100 * before, 100 * after)
+    log.info("draft acceptance on %d eval rows: %s before distillation, %s after", len(eval_prompts), before, after)
     with atomic_dir(out) as tmp:
         draft.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
