@@ -9,7 +9,7 @@ from models.candidate import assemble_candidate, load_candidate
 from tasks.config import load_config
 from tasks.etl import DatasetVersion
 from tasks.quantize import quantize_candidates
-from tasks.train import train_lora
+from tasks.train import finetune
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_qwen_preset_trains_merges_quantizes_and_generates_on_a_tiny_qwen2(tiny_
     # group size 32: the preset's 128 is wider than this model's 64-wide layers
     preset = load_config("qwen2.5-1.5b-lora-gpu", ["train.steps=3", "train.batch_size=4", "train.device=cpu", "quant.group_size=32"])
     assert preset.train.lora.target_modules[0] == "q_proj"  # the preset's own module names exist in Qwen2
-    finetuned = train_lora(str(tiny_qwen2_dir), tiny_dataset, preset.train, preset.model, tmp_path)
+    finetuned = finetune(str(tiny_qwen2_dir), tiny_dataset, preset.train, preset.model, tmp_path)
     assert (finetuned / "adapter" / "adapter_model.safetensors").exists()
     quant = quantize_candidates(finetuned, tiny_dataset, preset.quant.model_copy(update={"calibration_rows": 4}), tmp_path, "cpu")
     assert set(quant) == {"none", "gptq-int4", "torchao-int8-dyn", "bnb-nf4"} == set(preset.quant.methods)
