@@ -380,6 +380,39 @@ def data_bench(
     console.print(f"written to {Path(result['file']).parent / 'etl-benchmark.json'}")
 
 
+@app.command("bench-train")
+def bench_train(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides applied to both trainers, e.g. train.batch_size=32."),
+    steps: int = typer.Option(200, "--steps", "-n", min=10, help="Optimizer steps each trainer runs."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where rows, checkpoints and train-benchmark.json go; "
+                                                                  "default $SMELT_HOME/bench/train."),
+    config: str = typer.Option("tiny-cpu", "--config", "-c", help="Preset whose model, data and train settings apply."),
+) -> None:
+    """Benchmark smelt's trainer against a plain transformers.Trainer + peft LoRA run.
+
+    Same base model, training rows, batch size, learning-rate schedule and steps; each trainer runs
+    in a fresh process, so peak RSS is its own. Prints training tokens/s (real tokens, padding
+    excluded) and peak memory of each, as ratios to the Trainer run; also writes
+    WORKDIR/train-benchmark.json. smelt runs as `smelt train` does (checkpoints and logging on),
+    once padded like the Trainer and once with packing.
+    """
+    home = configure_environment()
+    from tasks.train_bench import run_train_benchmark, table_rows
+
+    load_or_exit(config, overrides or [])
+    result = run_train_benchmark(workdir or home / "bench" / "train", home, config, overrides or [], steps, echo=console.print)
+    cells = table_rows(result)
+    t = result["train"]
+    table = Table(title=f"Training benchmark: {config}, LoRA r={t['lora']['r']}, {steps} steps of batch {t['batch_size']}, "
+                        f"{result['rows']:,} rows, {result['cpus']} CPUs")
+    for i, header in enumerate(cells[0]):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in cells[1:]:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"written to {(workdir or home / 'bench' / 'train') / 'train-benchmark.json'}")
+
+
 @data_app.command("add")
 def data_add(
     paths: list[Path] = typer.Argument(..., help="Data files in any format `smelt data ingest` reads."),

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from pydantic import BaseModel
@@ -100,9 +101,10 @@ def mlflow_logger(tracking_uri: str, run_id: str) -> Logger:
     return log_point
 
 
-def run_job(job: TrainJob) -> dict:
+def run_job(job: TrainJob, ready: Callable[[], None] | None = None) -> dict:
     """Train as the job says, on this process (one of several under a launcher); the main process
-    saves the result to `job.out` and returns the stats."""
+    saves the result to `job.out` and returns the stats. `ready` is called once the model and rows
+    are loaded, just before training starts (a benchmark starts its clock there)."""
     from transformers import set_seed
 
     device = resolve_device(job.train.device)
@@ -113,6 +115,8 @@ def run_job(job: TrainJob) -> dict:
     eval_rows = torch.load(job.eval_rows, weights_only=True) if job.eval_rows else None
     logger = mlflow_logger(job.tracking_uri, job.run_id) if (job.run_id and job.tracking_uri and acc.is_main_process) else None
     spec = spec_from(job.train, steps=job.steps, lr=job.lr, desc=job.desc, n_rows=len(rows))
+    if ready:
+        ready()
     stats = fit(model, rows, spec, device=device, pad_id=job.pad_id, eval_rows=eval_rows,
                 checkpoint_dir=Path(job.checkpoints) if job.checkpoints else None, on_log=logger, accelerator=acc)
     stats["peak_rss_mb"] = peak_rss_mb()

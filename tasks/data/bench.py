@@ -306,7 +306,7 @@ def _child(fn_name: str, args_json: str, out: str) -> None:
 
     t_start = time.perf_counter()
     clock = Clock()
-    extra = JOBS[fn_name](json.loads(args_json), clock)
+    extra = resolve_job(fn_name)(json.loads(args_json), clock)
     end = time.perf_counter()
     t0 = clock.t0 if clock.t0 is not None else t_start
     hwm_kib = _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -319,13 +319,24 @@ def _child(fn_name: str, args_json: str, out: str) -> None:
     Path(out).write_text(json.dumps(result, default=str))
 
 
+def resolve_job(name: str):
+    """A job of this module by name, or any module's as "package.module:function"."""
+    if ":" in name:
+        import importlib
+
+        module, fn = name.split(":", 1)
+        return getattr(importlib.import_module(module), fn)
+    if name not in JOBS:
+        raise ValueError(f"unknown job {name!r}: one of {', '.join(JOBS)} or module:function")
+    return JOBS[name]
+
+
 def measure_in_child(fn_name: str, args: dict, timeout: float | None = None) -> dict:
     """Run job `fn_name` (a key of JOBS) in a fresh Python process; returns its wall seconds (the
     work, after imports and setup), peak RSS in MB (the child's high-water RSS, or its own
     children's ru_maxrss if higher; see `_child`) and whatever the job reports. The child's
     output (logs, progress) passes through."""
-    if fn_name not in JOBS:
-        raise ValueError(f"unknown job {fn_name!r}: one of {', '.join(JOBS)}")
+    resolve_job(fn_name)  # an unknown job fails here, not in the child
     with tempfile.TemporaryDirectory(prefix="smelt-bench-") as d:
         out = Path(d) / "result.json"
         code = f"from tasks.data.bench import _child; _child({fn_name!r}, {json.dumps(args)!r}, {str(out)!r})"
