@@ -451,7 +451,7 @@ SUMMARY_COLUMNS = ("version", "quant", "decoding", "exact match", "field F1", "p
 
 
 def print_summary(result: dict, seconds: float) -> None:
-    from tasks.report import candidate_rows
+    from tasks.report import candidate_rows, finetune_gain, gain_line
 
     reg = result["registry"]
     rows = candidate_rows(result["reports"], reg, result.get("base"))
@@ -463,6 +463,8 @@ def print_summary(result: dict, seconds: float) -> None:
     console.print(table)
     for row in rows:
         console.print(f"  v{row['version']} {row['quant']}/{row['decoding']}: {row['why']}")
+    if gain := finetune_gain(result["reports"], result.get("base")):
+        console.print(f"Fine-tuning gain on the eval split (full precision, plain decoding, vs the base model): {gain_line(gain)}.")
     policy = result["selection"]["policy"]
     console.print(f"Selection: {policy['policy']} on {policy['metric']} (within {policy['max_accuracy_drop']:.1%} of full "
                   f"precision{', above the base model' if policy['require_above_base'] else ''}), ranked by {policy['speed_metric']}.")

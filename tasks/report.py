@@ -134,6 +134,8 @@ def evaluation_markdown(reports: list[dict], base: dict | None, selection: dict,
         "",
         markdown_table(candidate_rows(reports, registry, base)),
         "",
+        *([f"Fine-tuning gain on the eval split (full precision, plain decoding, vs the base model): "
+           f"{gain_line(finetune_gain(reports, base))}.", ""] if finetune_gain(reports, base) else []),
         f"Machine memory bandwidth measured in this run: {reports[0].get('machine_bandwidth_gbs', 0):.1f} GB/s "
         "(large tensor copy, read + write). BW share = weight bytes x decode tokens/s over it.",
     ]
@@ -192,7 +194,8 @@ def plot_latency(reports: list[dict], base: dict | None, path: Path) -> None:
 def write_evaluation_report(reports: list[dict], base: dict | None, selection: dict, registry: dict, out: Path) -> Path:
     """evaluation.json, evaluation.md and the two pictures, written together (atomically)."""
     with atomic_dir(out) as tmp:
-        write_json(tmp / "evaluation.json", {"candidates": reports, "base": base, "selection": selection, "registry": registry})
+        write_json(tmp / "evaluation.json", {"candidates": reports, "base": base, "selection": selection, "registry": registry,
+                                             "finetune_gain": finetune_gain(reports, base)})
         (tmp / "evaluation.md").write_text(evaluation_markdown(reports, base, selection, registry))
         plot_accuracy_vs_speed(reports, base, selection, tmp / "accuracy_vs_speed.png")
         plot_latency(reports, base, tmp / "latency.png")
@@ -216,11 +219,38 @@ def log_dataset_task(cfg: PipelineConfig, run_id: str | None, dataset: DatasetVe
     return log_dataset(cfg, run_id, dataset, Path(home))
 
 
+GAIN_METRICS = ("exact_match", "field_f1", "field_accuracy")
+
+
+def finetune_gain(reports: list[dict], base: dict | None) -> dict:
+    """What fine-tuning bought on the eval split: the full-precision fine-tuned model decoding plainly
+    (quantization and decoding held out) against the base model, prompted the same way."""
+    tuned = next((r for r in reports if r["quant_method"] == "none" and r["strategy"] == "plain"), None)
+    if tuned is None or base is None:
+        return {}
+    out = {}
+    for m in GAIN_METRICS:
+        if tuned.get(m) is not None and base.get(m) is not None:
+            out |= {f"base_{m}": base[m], f"finetuned_{m}": tuned[m], f"finetune_gain_{m}": tuned[m] - base[m]}
+    return out
+
+
+def gain_line(gain: dict) -> str:
+    """e.g. 'exact match 0.0% -> 41.7% (+41.7 points), field F1 ...' for the summary."""
+    parts = [f"{m.replace('_', ' ').replace('f1', 'F1')} {gain[f'base_{m}']:.1%} -> {gain[f'finetuned_{m}']:.1%} "
+             f"({100 * gain[f'finetune_gain_{m}']:+.1f} points)" for m in GAIN_METRICS[:2] if f"base_{m}" in gain]
+    return ", ".join(parts)
+
+
 def report_results(cfg: PipelineConfig, reports: list[dict], base: dict | None, selection: dict, registry: dict,
                    run_id: str, home: Path) -> Path:
-    """The evaluation report in SMELT_HOME, in the MLflow run (artifacts under evaluation/) and in Prefect."""
+    """The evaluation report in SMELT_HOME, in the MLflow run (artifacts under evaluation/, the
+    fine-tuning gain as metrics) and in Prefect."""
     out = write_evaluation_report(reports, base, selection, registry, home / "reports" / run_id)
-    use_tracking(cfg.registry, home).log_artifacts(run_id, str(out), "evaluation")
+    client = use_tracking(cfg.registry, home)
+    client.log_artifacts(run_id, str(out), "evaluation")
+    if gain := finetune_gain(reports, base):
+        client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in gain.items()])
     create_table_artifact(candidate_rows(reports, registry, base), key="smelt-candidates", description="every candidate, measured")
     create_markdown_artifact((out / "evaluation.md").read_text() + f"\n\nPictures: MLflow run `{run_id}`, artifacts `evaluation/`; "
                              f"locally `{out}`.", key="smelt-evaluation", description="candidates, selection and decision")

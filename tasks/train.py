@@ -108,17 +108,24 @@ def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: Mo
 
 
 @torch.inference_mode()
-def complete_prompts(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy completions for many prompts (or conversations so far) at once (left-padded batches)."""
+def greedy_ids(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
+    """The target's greedy new tokens per prompt (or conversation so far), EOS included: left-padded batches."""
     outs = []
     for i in range(0, len(prompts), batch_size):
         texts = [render_context(tokenizer, p) for p in prompts[i:i + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]  # [batch, new_tokens]
-        outs.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+        for row in gen[:, enc["input_ids"].shape[1]:].tolist():  # [batch, new_tokens]
+            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+            outs.append(row[:end])  # what follows EOS is padding
     return outs
+
+
+def complete_prompts(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy completions (text) for many prompts at once."""
+    return [t.strip() for t in tokenizer.batch_decode(greedy_ids(model, tokenizer, prompts, max_new_tokens, batch_size),
+                                                       skip_special_tokens=True)]
 
 
 def acceptance_of(draft, tokenizer, prompts: list[list[dict]], targets: list[list[int]]) -> float | None:
@@ -149,8 +156,8 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
     prompts = [row_context(r) for r in dataset.rows("train")[: cfg.distill_prompts]]
     completions = complete_prompts(target, tokenizer, prompts, max_new_tokens=cfg.max_seq_len // 2)
     eval_prompts = [row_context(r) for r in eval_split(dataset, DRAFT_EVAL_ROWS)]
-    eval_targets = [tokenizer(c, add_special_tokens=False)["input_ids"]
-                    for c in complete_prompts(target, tokenizer, eval_prompts, max_new_tokens=cfg.max_seq_len // 2)]
+    # EOS counts: proposing "stop here" is part of what a draft gets accepted for
+    eval_targets = greedy_ids(target, tokenizer, eval_prompts, max_new_tokens=cfg.max_seq_len // 2)
     del target
     init = AutoModelForCausalLM.from_pretrained(draft_init, use_safetensors=True).to(device).eval()
     before = acceptance_of(init, tokenizer, eval_prompts, eval_targets)

@@ -43,6 +43,7 @@ def test_summary_table_and_next_commands_are_printed(first_run):
         assert word in out
     assert "smelt models list smelt-micro-embedded" in out and "smelt up" in out and "smelt serve smelt-micro-embedded" in out
     assert "MLflow run " in out and "challenger v" in out
+    assert "Fine-tuning gain on the eval split" in out and "exact match" in out.split("Fine-tuning gain")[1]
 
 
 def test_evaluation_report_with_pictures_is_in_mlflow_and_names_why_each_candidate_was_chosen(first_run):
@@ -111,14 +112,27 @@ p = parents[0]
 kids = [r for r in runs if r.data.tags.get('mlflow.parentRunId') == p.info.run_id]
 print(json.dumps({'parents': len(parents), 'status': p.info.status, 'params': p.data.params, 'tags': p.data.tags,
                   'kids': sorted(r.info.run_name for r in kids), 'kid_status': sorted({r.info.status for r in kids}),
-                  'train_metrics': [r.data.metrics for r in kids if r.info.run_name == 'train']}))
+                  'train_metrics': [r.data.metrics for r in kids if r.info.run_name == 'train'],
+                  'draft_metrics': [r.data.metrics for r in kids if r.info.run_name == 'draft'],
+                  'parent_metrics': p.data.metrics,
+                  'loss_steps': [m.step for r in kids if r.info.run_name == 'train' for m in c.get_metric_history(r.info.run_id, 'loss')],
+                  'lr_steps': [m.step for r in kids if r.info.run_name == 'train'
+                               for m in c.get_metric_history(r.info.run_id, 'learning_rate')]}))
 """))
     assert got["parents"] == 1 and got["status"] == "FINISHED" and got["kid_status"] == ["FINISHED"]
     assert got["params"]["train.lora.r"] and got["params"]["registry.accuracy_tolerance"] and got["params"]["preset"] == "micro-cpu"
     assert got["tags"]["smelt.prefect_flow_run_id"] and got["tags"]["smelt.champion"]
     stages = {"etl", "train", "draft", "quantize-none", "quantize-torchao-int8-dyn"}
     assert stages <= set(got["kids"]) and len(set(got["kids"]) - stages) == 4  # one nested run per candidate
-    assert got["train_metrics"][0]["final_loss"] > 0
+    assert got["train_metrics"][0]["final_loss"] > 0 and got["train_metrics"][0]["eval_loss"] > 0
+    # per-step curves, logged live by the trainer every train.log_every (10) of micro-cpu's 20 steps
+    assert sorted(got["loss_steps"]) == sorted(got["lr_steps"]) == [10, 20]
+    assert {"grad_norm", "tokens_per_s"} <= set(got["train_metrics"][0])
+    d = got["draft_metrics"][0]
+    assert 0 <= d["acceptance_before"] <= 1 and 0 <= d["acceptance_after"] <= 1
+    m = got["parent_metrics"]
+    assert m["finetune_gain_exact_match"] == pytest.approx(m["finetuned_exact_match"] - m["base_exact_match"])
+    assert "finetune_gain_field_f1" in m
 
 
 def test_dataset_version_is_an_mlflow_input_of_the_runs_that_train_on_it(first_run):
