@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +41,7 @@ class TrainJob(BaseModel):
     out: str  # the trained model (adapter or full weights) is written here, atomically
     checkpoints: str | None = None
     pad_id: int = 0
-    tracking_uri: str | None = None  # with run_id: per-step metrics go to this MLflow run
+    tracking_uri: str | None = None  # with run_id: where the launched processes' main one logs per-step metrics
     run_id: str | None = None
 
 
@@ -88,23 +87,11 @@ def load_for_training(source: str, method: str, cfg: TrainConfig, device: torch.
     ))
 
 
-def mlflow_logger(tracking_uri: str, run_id: str) -> Logger:
-    """Per-step metrics to an MLflow run, one batch call per logged point."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-
-    def log_point(step: int, metrics: dict) -> None:
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None])
-    return log_point
-
-
-def run_job(job: TrainJob, ready: Callable[[], None] | None = None) -> dict:
+def run_job(job: TrainJob, ready: Callable[[], None] | None = None, logger: Logger | None = None) -> dict:
     """Train as the job says, on this process (one of several under a launcher); the main process
     saves the result to `job.out` and returns the stats. `ready` is called once the model and rows
-    are loaded, just before training starts (a benchmark starts its clock there)."""
+    are loaded, just before training starts (a benchmark starts its clock there); `logger` gets the
+    logged points on the main process."""
     from transformers import set_seed
 
     device = resolve_device(job.train.device)
@@ -113,12 +100,12 @@ def run_job(job: TrainJob, ready: Callable[[], None] | None = None) -> dict:
     model = load_for_training(job.source, job.method, job.train, device)
     rows = torch.load(job.rows, weights_only=True)
     eval_rows = torch.load(job.eval_rows, weights_only=True) if job.eval_rows else None
-    logger = mlflow_logger(job.tracking_uri, job.run_id) if (job.run_id and job.tracking_uri and acc.is_main_process) else None
     spec = spec_from(job.train, steps=job.steps, lr=job.lr, desc=job.desc, n_rows=len(rows))
     if ready:
         ready()
     stats = fit(model, rows, spec, device=device, pad_id=job.pad_id, eval_rows=eval_rows,
-                checkpoint_dir=Path(job.checkpoints) if job.checkpoints else None, on_log=logger, accelerator=acc)
+                checkpoint_dir=Path(job.checkpoints) if job.checkpoints else None,
+                on_log=logger if acc.is_main_process else None, accelerator=acc)
     stats["peak_rss_mb"] = peak_rss_mb()
     if acc.is_main_process:
         save_trained(acc.unwrap_model(model), Path(job.out), stats)
@@ -147,30 +134,32 @@ def peak_rss_mb() -> float | None:
     return None
 
 
-def launch_command(n: int, job_file: Path, cfg: TrainConfig, device: torch.device) -> list[str]:
+def launch_command(n: int, job_file: Path, cfg: TrainConfig, device: torch.device, entry: str) -> list[str]:
     """torchrun on the CPU (gloo): `accelerate launch --cpu` silently runs a single process there
     (shared FACTS.md). On GPUs, accelerate launch, with the user's config for FSDP and the like."""
     if device.type == "cpu":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                "-m", "models.finetune", str(job_file)]
+                "-m", entry, str(job_file)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", f"--num_processes={n}"]
     if cfg.accelerate_config:
         cmd.append(f"--config_file={cfg.accelerate_config}")
     else:
         cmd.append("--multi_gpu")
-    return [*cmd, "-m", "models.finetune", str(job_file)]
+    return [*cmd, "-m", entry, str(job_file)]
 
 
-def train(job: TrainJob) -> dict:
-    """Run the job here (one process) or under a launcher with `train.num_processes` processes."""
+def train(job: TrainJob, logger: Logger | None = None, entry: str = "models.finetune") -> dict:
+    """Run the job here (one process, `logger` gets its points) or under a launcher with
+    `train.num_processes` processes, each running module `entry` on the job file (its `__main__`
+    calls `run_job`; the module decides where the main process logs)."""
     n = job.train.num_processes
     if n == 1:
-        return run_job(job)
+        return run_job(job, logger=logger)
     device = resolve_device(job.train.device)
     job_file = Path(job.out).parent / f"{Path(job.out).name}.job.json"
     job_file.parent.mkdir(parents=True, exist_ok=True)
     job_file.write_text(job.model_dump_json(indent=2))
-    cmd = launch_command(n, job_file, job.train, device)
+    cmd = launch_command(n, job_file, job.train, device, entry)
     log.info("%s: launching %d processes: %s", job.desc, n, " ".join(cmd))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))}
     done = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, env=env)

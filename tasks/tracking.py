@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from importlib.metadata import version as pkg_version
 from pathlib import Path
 
@@ -128,6 +129,16 @@ def log_stage(client: MlflowClient, parent_id: str, stage: str, metrics: dict, f
             client.log_artifact(run_id, str(f), artifact_path=stage)
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def step_logger(tracking_uri: str, run_id: str):
+    """Per-step training metrics to an MLflow run, one batch call per logged point."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+
+    def log_point(step: int, metrics: dict) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None])
+    return log_point
 
 
 def open_stage_run(parent_id: str, cfg: PipelineConfig, home: Path, stage: str) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from models.finetune import STATS, TrainJob, merge_adapter, train
 from tasks.caching import PackageSource
 from tasks.config import REPO_ROOT
 from tasks.etl import DatasetVersion
+from tasks.tracking import step_logger
 
 log = logging.getLogger(__name__)
 DRAFT_EVAL_ROWS = 64  # eval prompts the draft's acceptance rate is measured on, before and after distillation
@@ -66,6 +67,12 @@ def eval_split(dataset: DatasetVersion, n: int) -> list[dict]:
     return dataset.rows("eval")[:n] if (dataset.path / "eval.parquet").exists() else []
 
 
+def live_logging(tracking: tuple[str, str] | None) -> tuple:
+    """(logger, launcher entry) for `train`: per-step points go to the stage's MLflow run, from this
+    process or from the main one of a multi-process run."""
+    return (step_logger(*tracking) if tracking else None), "tasks.train_worker"
+
+
 def write_rows(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(rows, path)
@@ -93,7 +100,7 @@ def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: Mo
         out=str(work / "trained"), checkpoints=str(work / "checkpoints"), pad_id=tokenizer.pad_token_id,
         tracking_uri=tracking[0] if tracking else None, run_id=tracking[1] if tracking else None,
     )
-    stats = train(job)
+    stats = train(job, *live_logging(tracking))
     with atomic_dir(out) as tmp:
         if cfg.method == "full":
             shutil.copytree(work / "trained", tmp / "merged", ignore=shutil.ignore_patterns(STATS))
@@ -170,7 +177,7 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
         desc="distil draft", rows=write_rows(work / "train-rows.pt", training_examples(tokenizer, rows, cfg.max_seq_len)),
         out=str(work / "trained"), checkpoints=str(work / "checkpoints"), pad_id=tokenizer.pad_token_id,
         tracking_uri=tracking[0] if tracking else None, run_id=tracking[1] if tracking else None,
-    ))
+    ), *live_logging(tracking))
     draft = AutoModelForCausalLM.from_pretrained(work / "trained", use_safetensors=True).to(device).eval()
     after = acceptance_of(draft, tokenizer, eval_prompts, eval_targets)
     log.info("draft acceptance on %d eval rows: %s before distillation, %s after", len(eval_prompts), before, after)

@@ -108,9 +108,15 @@ def test_epochs_decide_the_steps(tiny_model_dir, dataset, tmp_path):
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model_dir, dataset, tmp_path):
     """train.num_processes=2 runs torchrun with two gloo ranks; each computes half of every global
-    batch, and the result matches one process on the whole batch."""
+    batch, and the result matches one process on the whole batch. The main rank logs per-step
+    metrics to the MLflow run it is given."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("t")).info.run_id
     one = finetune(str(tiny_model_dir), dataset, config(), ModelConfig(), tmp_path / "one")
-    two = finetune(str(tiny_model_dir), dataset, config(num_processes=2), ModelConfig(), tmp_path / "two")
+    two = finetune(str(tiny_model_dir), dataset, config(num_processes=2), ModelConfig(), tmp_path / "two", (uri, run))
     a, b = train_json(one), train_json(two)
     assert a["num_processes"] == 1 and b["num_processes"] == 2
     assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], rel=1e-4)
@@ -118,6 +124,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_model_dir,
     wa = AutoModelForCausalLM.from_pretrained(one / "merged").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(two / "merged").state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    logged = client.get_metric_history(run, "loss")
+    assert [m.step for m in logged] == [2, 4, 6] and [m.value for m in logged] == pytest.approx([h["loss"] for h in b["history"]])
 
 
 def test_a_batch_that_cannot_be_split_or_early_stopping_without_evals_is_refused():
