@@ -320,7 +320,8 @@ def fit(
 
     names = trainable_names(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    # fused AdamW (one kernel over all tensors) is what transformers' Trainer defaults to on torch >= 2.8 too
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=acc.device.type in ("cpu", "cuda"))
     scheduler = get_scheduler(spec.schedule, optimizer, num_warmup_steps=int(spec.warmup_ratio * spec.steps),
                               num_training_steps=spec.steps)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
