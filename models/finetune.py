@@ -45,13 +45,16 @@ class TrainJob(BaseModel):
     run_id: str | None = None
 
 
-def qlora_settings(cfg: TrainConfig, device: torch.device):
-    """bitsandbytes 4-bit loading of the frozen base; a clear error where bitsandbytes cannot run."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as err:  # pragma: no cover - bitsandbytes is a dependency
-        raise RuntimeError(f"train.method=qlora needs bitsandbytes, which failed to import: {err}") from err
+def qlora_settings(source: str, cfg: TrainConfig, device: torch.device):
+    """bitsandbytes 4-bit loading of the frozen base; a clear error where bitsandbytes cannot run it."""
+    from transformers import BitsAndBytesConfig
+
+    from models.quant.bnb import check_cpu_packable, unsupported_reason
+
+    if reason := unsupported_reason(device, "nf4"):
+        raise RuntimeError(f"train.method=qlora cannot run on {device.type}: {reason}; use train.method=lora")
+    if device.type == "cpu":
+        check_cpu_packable(Path(source), "train.method=qlora", "use train.method=lora (a full-precision base) for this model")
     dtype = cfg.qlora.compute_dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -68,7 +71,7 @@ def load_for_training(source: str, method: str, cfg: TrainConfig, device: torch.
     from transformers import AutoModelForCausalLM
 
     if method == "qlora":
-        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=qlora_settings(cfg, device),
+        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=qlora_settings(source, cfg, device),
                                                      device_map={"": str(device)}, dtype=torch.float32)
         # casts norms to fp32 and lets gradients reach the adapters through the frozen 4-bit layers
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

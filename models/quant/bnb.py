@@ -35,14 +35,15 @@ def bnb_config(scheme: str, double_quant: bool = True) -> BitsAndBytesConfig:
 CPU_NF4_BLOCK = 64  # bitsandbytes' CPU 4-bit kernel packs this many inputs per block
 
 
-def check_cpu_packable(model_dir: Path) -> None:
-    """Name the first layer the CPU nf4 kernel cannot pack (it fails deep inside generate otherwise)."""
+def check_cpu_packable(model_dir: Path, what: str = "bnb-nf4",
+                       instead: str = "use another method for this model (e.g. torchao-int4-wo or gptq-int4)") -> None:
+    """Name the first layer the CPU 4-bit kernel cannot pack (it fails deep inside the model otherwise)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head" and module.in_features % CPU_NF4_BLOCK:
-            raise ValueError(f"bnb-nf4 on the CPU packs blocks of {CPU_NF4_BLOCK} inputs, but {name} has "
-                             f"{module.in_features}; use another method for this model (e.g. torchao-int4-wo or gptq-int4)")
+            raise ValueError(f"{what} on the CPU packs blocks of {CPU_NF4_BLOCK} inputs, but {name} has "
+                             f"{module.in_features}; {instead}")
 
 
 def quantize(model_dir: Path, out_dir: Path, calibration: list[str], scheme: str, double_quant: bool = True) -> dict:

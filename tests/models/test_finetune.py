@@ -90,6 +90,12 @@ def test_qlora_trains_adapters_over_a_4bit_base_on_this_cpu(llama64_dir, dataset
     assert "quantization_config" not in merged  # merged into the full-precision base: what gets quantized later
 
 
+def test_qlora_names_a_layer_the_cpu_4bit_kernel_cannot_pack(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"train.method=qlora on the CPU packs blocks of 64 inputs, but model.layers.0.self_attn."
+                                         r"q_proj has 32; use train.method=lora"):
+        load_for_training(str(tiny_model_dir), "qlora", config(method="qlora"), CPU)
+
+
 def test_full_finetuning_trains_every_weight(tiny_model_dir, dataset, tmp_path):
     cfg = config(method="full", learning_rate=1e-3)
     model = load_for_training(str(tiny_model_dir), "full", cfg, CPU)
