@@ -19,8 +19,10 @@ ARGS = ["train", "-c", "micro-cpu", "train.steps=400", "train.checkpoint_every=4
         "train.lora.dropout=0.1", "train.draft_steps=2"]  # dropout: the RNG state must be restored too
 
 
-def smelt(home: Path, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *ARGS], cwd=REPO, env=smelt_env(home), text=True,
+def smelt(home: Path, threads: int | None = None, **popen) -> subprocess.Popen:
+    # two runs side by side get a core each: OpenMP threads spinning on a shared core slow both many-fold
+    env = smelt_env(home, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *ARGS], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
@@ -52,8 +54,8 @@ def test_sigkill_then_the_same_command_resumes_and_ends_at_the_same_loss(tmp_pat
     ref = tmp_path / "ref"
     for sub in ("datasets", *[f"models/{p.name}" for p in home.glob("models/*") if not p.name.startswith((".", "finetuned"))]):
         shutil.copytree(home / sub, ref / sub)
-    reference = smelt(ref)
-    again = smelt(home)
+    reference = smelt(ref, threads=1)
+    again = smelt(home, threads=1)
     out, _ = again.communicate(timeout=900)
     ref_out, _ = reference.communicate(timeout=900)
     assert again.returncode == 0, out[-3000:]
