@@ -224,9 +224,14 @@ class BatchOrder:
         return [self.item(k) for k in range(step * self.batch_size, (step + 1) * self.batch_size)]
 
     def micro_batches(self, step: int, rank: int, world: int, grad_accum: int) -> list[list[int]]:
-        mine = self.global_batch(step)[rank::world]
-        size = len(mine) // grad_accum
-        return [mine[i * size:(i + 1) * size] for i in range(grad_accum)]
+        return split(self.global_batch(step), rank, world, grad_accum)
+
+
+def split(global_rows: list[int], rank: int, world: int, grad_accum: int) -> list[list[int]]:
+    """Process `rank`'s share of a global batch (every world-th row), cut into micro-batches."""
+    mine = global_rows[rank::world]
+    size = len(mine) // grad_accum
+    return [mine[i * size:(i + 1) * size] for i in range(grad_accum)]
 
 
 def batch_loss(model, batch: dict, n_labels: int) -> torch.Tensor:
@@ -348,7 +353,7 @@ def fit(
         t0 = time.perf_counter()
         global_rows = order.global_batch(step)
         n_labels = sum(counts[i] for i in global_rows)  # the whole global batch's label tokens
-        micro = order.micro_batches(step, rank, world, spec.grad_accum)
+        micro = split(global_rows, rank, world, spec.grad_accum)
         step_loss, step_tokens = 0.0, 0
         for m, idx in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in collate([rows[i] for i in idx]).items()}
@@ -364,8 +369,7 @@ def fit(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = _sum_over_processes(acc, step_loss)
-        step_tokens = int(_sum_over_processes(acc, step_tokens))
+        step_loss, step_tokens = _sum_over_processes(acc, step_loss, step_tokens)
         progress.step += 1
         progress.tokens += step_tokens
         progress.seconds += time.perf_counter() - t0
@@ -440,8 +444,9 @@ def restore(model, state: dict) -> None:
             p.copy_(state[n])
 
 
-def _sum_over_processes(acc, value: float) -> float:
+def _sum_over_processes(acc, loss: float, tokens: int) -> tuple[float, int]:
+    """The step's loss and token count summed over processes, in one collective."""
     if acc.num_processes == 1:
-        return value
-    return float(acc.reduce(torch.tensor(float(value), device=acc.device), reduction="sum").item())
-
+        return loss, tokens
+    both = acc.reduce(torch.tensor([loss, float(tokens)], dtype=torch.float64, device=acc.device), reduction="sum")
+    return float(both[0]), int(both[1])

@@ -7,6 +7,7 @@ model loading excluded. Imports stay light here: the heavy ones happen in the ch
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from models.artifacts import write_json
@@ -99,7 +100,7 @@ def run_train_benchmark(workdir: Path, home: Path, config: str, overrides: list[
         echo(f"measuring: {name} ({steps} steps, batch {setup['train']['batch_size']})")
         if name.startswith("smelt"):
             for sub in ("out", "checkpoints"):
-                _clear(workdir / sub)
+                shutil.rmtree(workdir / sub, ignore_errors=True)
             r = measure_in_child("tasks.train_bench:job_smelt", {**common, "packing": "packed" in name,
                                                                 "out": str(workdir / "out"), "checkpoints": str(workdir / "checkpoints")})
         else:
@@ -113,12 +114,6 @@ def run_train_benchmark(workdir: Path, home: Path, config: str, overrides: list[
                                 "peak_rss": r["peak_rss_mb"] / base["peak_rss_mb"]} for name, r in results.items()}}
     write_json(workdir / "train-benchmark.json", result)
     return result
-
-
-def _clear(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def table_rows(result: dict) -> list[list[str]]:

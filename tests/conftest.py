@@ -48,3 +48,19 @@ def tiny_draft_dir(tmp_path_factory, tiny_model_dir) -> Path:
     new_llama(TinyLlamaSpec(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tok, seed=1).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def wide64_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A random-init Llama 64 wide: bitsandbytes' CPU 4-bit kernel packs blocks of 64 inputs
+    (bnb-nf4 quantization, QLoRA training)."""
+    from transformers import AutoTokenizer
+
+    from models.config import TinyLlamaSpec
+    from models.embedded import new_llama
+
+    out = tmp_path_factory.mktemp("llama64")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    new_llama(TinyLlamaSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128), tok, seed=0).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

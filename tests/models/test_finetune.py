@@ -27,21 +27,6 @@ def dataset(tmp_path_factory):
     return DatasetVersion("tinyds", path)
 
 
-@pytest.fixture(scope="module")
-def llama64_dir(tiny_model_dir, tmp_path_factory):
-    """bitsandbytes quantizes in blocks of 64 values: 4-bit layers need widths of 64 and up."""
-    from transformers import AutoTokenizer
-
-    from models.config import TinyLlamaSpec
-    from models.embedded import new_llama
-
-    out = tmp_path_factory.mktemp("llama64")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    new_llama(TinyLlamaSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128), tok, seed=0).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def config(**kw) -> TrainConfig:
     base = dict(lora=LoraConfig(r=4, alpha=8), steps=6, batch_size=8, learning_rate=5e-3, max_seq_len=48, log_every=2,
                 checkpoint_every=0, device="cpu")
@@ -75,15 +60,15 @@ def test_lora_keeps_the_adapter_and_merges_it_exactly(tiny_model_dir, dataset, t
     assert (out / "merged" / "chat_template.jinja").exists() or "chat_template" in (out / "merged" / "tokenizer_config.json").read_text()
 
 
-def test_qlora_trains_adapters_over_a_4bit_base_on_this_cpu(llama64_dir, dataset, tmp_path):
+def test_qlora_trains_adapters_over_a_4bit_base_on_this_cpu(wide64_model_dir, dataset, tmp_path):
     import bitsandbytes as bnb
 
     cfg = config(method="qlora")
-    model = load_for_training(str(llama64_dir), "qlora", cfg, CPU)
+    model = load_for_training(str(wide64_model_dir), "qlora", cfg, CPU)
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and all(m.weight.quant_type == "nf4" for m in four_bit)
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    out = finetune(str(llama64_dir), dataset, cfg, ModelConfig(), tmp_path)
+    out = finetune(str(wide64_model_dir), dataset, cfg, ModelConfig(), tmp_path)
     t = train_json(out)
     assert t["method"] == "qlora" and t["history"][-1]["loss"] < t["history"][0]["loss"]
     merged = json.loads((out / "merged" / "config.json").read_text())

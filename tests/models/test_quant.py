@@ -37,18 +37,8 @@ QUANTIZED_LAYER = {
 
 
 @pytest.fixture(scope="module")
-def quant_model_dir(tmp_path_factory, tiny_model_dir):
-    """A random-init Llama 64 wide: bitsandbytes' CPU 4-bit kernel packs blocks of 64 inputs."""
-    from transformers import AutoTokenizer
-
-    from models.config import TinyLlamaSpec
-    from models.embedded import new_llama
-
-    out = tmp_path_factory.mktemp("quant-llama")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    new_llama(TinyLlamaSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128), tok, seed=0).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def quant_model_dir(wide64_model_dir):
+    return wide64_model_dir
 
 
 @pytest.fixture(scope="module")
