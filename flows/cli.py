@@ -380,6 +380,51 @@ def data_bench(
     console.print(f"written to {Path(result['file']).parent / 'etl-benchmark.json'}")
 
 
+@app.command("bench")
+def bench(
+    name: Optional[str] = typer.Argument(None, help="Registered model name; default the preset's (smelt-<model.name>)."),
+    prompts: int = typer.Option(8, "--prompts", "-n", min=1, help="Eval prompts every recipe decodes, one at a time."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=2, help="Default: the preset's decode.max_new_tokens."),
+    streams: int = typer.Option(8, "--streams", min=2, help="Requests decoded together for the aggregate tokens/s."),
+    with_random: bool = typer.Option(True, "--random-100m/--no-random-100m",
+                                     help="Also time a random-init ~100M-parameter model of the same architecture, big "
+                                          "enough to be bound by memory bandwidth."),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSON report; default $SMELT_HOME/bench/serve/NAME-vVERSION.json."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Time every serving recipe of NAME's champion run against plain transformers generate (fp32, eager).
+
+    One process; the same weights, eval prompts and greedy settings for all. Recipes: each registered
+    weight format (fp32, int8, int4...) x decode loop (transformers generate; smelt's compiled
+    static-cache loop; the same with the trained draft). Prints decode tokens/s at batch 1, time to
+    first token, ratio to the baseline, draft acceptance, weight bytes, effective bandwidth and its
+    share of the bandwidth measured in the same run, aggregate tokens/s of STREAMS requests decoded
+    together, compile warm-up, and how many prompts gave exactly the baseline's tokens. Writes the
+    table as JSON and logs it to MLflow (experiment smelt-bench).
+    """
+    client, cfg, home = registry_client(config)
+    from tasks.serve_bench import run_serve_benchmark, table_rows
+
+    name = champion_name(client, name, cfg)
+    result = run_serve_benchmark(client, name, cfg, home, prompts, max_new_tokens or cfg.decode.max_new_tokens, streams,
+                                 with_random, out, echo=console.print)
+    print_table(f"{name}: {result['prompts']} prompts, {result['max_new_tokens']} new tokens, {result['cpus']} threads, "
+                f"memory bandwidth {result['machine_bandwidth_gbs']:.1f} GB/s", table_rows(result["rows"]))
+    if "random" in result:
+        print_table(f"random-init {result['random']['parameters'] / 1e6:.0f}M-parameter model, same architecture",
+                    table_rows(result["random"]["rows"]))
+    console.print(f"written to {result['report']}; MLflow run {result['mlflow_run_id']} (experiment smelt-bench)")
+
+
+def print_table(title: str, cells: list[list[str]]) -> None:
+    table = Table(title=title)
+    for i, header in enumerate(cells[0]):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in cells[1:]:
+        table.add_row(*row)
+    console.print(table)
+
+
 @app.command("bench-train")
 def bench_train(
     overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides applied to both trainers, e.g. train.batch_size=32."),
@@ -401,15 +446,9 @@ def bench_train(
 
     load_or_exit(config, overrides or [])
     result = run_train_benchmark(workdir or home / "bench" / "train", home, config, overrides or [], steps, echo=console.print)
-    cells = table_rows(result)
     t = result["train"]
-    table = Table(title=f"Training benchmark: {config}, LoRA r={t['lora']['r']}, {steps} steps of batch {t['batch_size']}, "
-                        f"{result['rows']:,} rows, {result['cpus']} CPUs")
-    for i, header in enumerate(cells[0]):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in cells[1:]:
-        table.add_row(*row)
-    console.print(table)
+    print_table(f"Training benchmark: {config}, LoRA r={t['lora']['r']}, {steps} steps of batch {t['batch_size']}, "
+                f"{result['rows']:,} rows, {result['cpus']} CPUs", table_rows(result))
     console.print(f"written to {(workdir or home / 'bench' / 'train') / 'train-benchmark.json'}")
 
 

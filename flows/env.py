@@ -29,6 +29,8 @@ def configure_environment(home: Path | None = None) -> Path:
         "MLFLOW_DISABLE_TELEMETRY": "true",  # offline, and nobody asked to be counted
         "DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # torch.compile's kernels and graphs: a restarted server or benchmark warms up from here, not from zero
+        "TORCHINDUCTOR_CACHE_DIR": str(home / "compile-cache"),
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -1,0 +1,287 @@
+"""`smelt bench`: how fast each serving recipe decodes the registered model, next to plain transformers.
+
+One process, the same fine-tuned weights, prompts and greedy settings for every recipe, so the
+ratios come from one run. The baseline is what a user gets by default: `model.generate` in fp32,
+eager, dynamic cache. Recipes combine a weight format (each quantized artifact registered with
+the champion's run) with a decode loop:
+  hf        transformers' generate (with its assisted generation for the draft), as the pipeline ships today
+  compiled  smelt's static-cache loop (models/fastgen.py) with each step under torch.compile
+  +draft    the same loop with speculative decoding by the trained draft
+
+Per recipe: decode tokens/s at batch 1 (tokens after the first over the time after the first),
+time to first token, ratio to the baseline, draft acceptance, weight bytes, effective bandwidth
+(weight bytes x decode tokens/s) and its share of the machine's copy bandwidth measured in the
+same run, aggregate tokens/s of 8 streams decoded together, compile warm-up, and whether the
+greedy tokens equal the baseline's.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.chat import render_context
+from models.decoding import SamplingParams, generate_batch, generate_text, strategy_kwargs
+from models.fastgen import BatchRunner, Decoded, StaticRunner, greedy_decode, greedy_decode_batch, speculative_decode
+from models.quant import load_quantized
+from tasks.evaluate import weight_bytes
+from tasks.measure import memory_bandwidth
+
+LOOPS = ("hf", "compiled", "compiled+draft")
+
+
+@dataclass
+class Setup:
+    """What every recipe shares: prompts (token ids and text), the tokenizer, the draft, the limits."""
+
+    tokenizer: object
+    texts: list[str]
+    ids: list[list[int]]
+    draft: torch.nn.Module | None
+    max_new_tokens: int
+    streams: int
+    num_draft_tokens: int
+
+
+def hf_decode(model, setup: Setup, extra: dict) -> Callable[[int], Decoded]:
+    def run(i: int) -> Decoded:
+        g = generate_text(model, setup.tokenizer, setup.texts[i], SamplingParams(setup.max_new_tokens), extra)
+        return Decoded(g.token_ids, g.first_token_s or g.seconds, g.seconds)
+    return run
+
+
+def static_decode(model, setup: Setup, with_draft: bool) -> Callable[[int], Decoded]:
+    room = max(map(len, setup.ids)) + setup.max_new_tokens + setup.num_draft_tokens + 1
+    target = StaticRunner(model, room, compile=True)
+    eos = setup.tokenizer.eos_token_id
+    if not with_draft:
+        return lambda i: greedy_decode(target, setup.ids[i], setup.max_new_tokens, eos)
+    draft = StaticRunner(setup.draft, room, compile=True)
+    return lambda i: speculative_decode(target, draft, setup.ids[i], setup.max_new_tokens, eos, setup.num_draft_tokens)
+
+
+def time_batch1(decode: Callable[[int], Decoded], n: int) -> dict:
+    """Warm up on the first prompt (compiles), then decode every prompt one at a time."""
+    t0 = time.perf_counter()
+    decode(0)
+    warmup = time.perf_counter() - t0
+    outs = [decode(i) for i in range(n)]
+    steady = sum(o.seconds for o in outs) / n
+    after_first = sum(len(o.token_ids) - 1 for o in outs)
+    proposed, accepted = sum(o.proposed for o in outs), sum(o.accepted for o in outs)
+    return {
+        "decode_tokens_per_s": after_first / max(1e-9, sum(o.seconds - o.first_token_s for o in outs)),
+        "tokens_per_s": sum(len(o.token_ids) for o in outs) / sum(o.seconds for o in outs),
+        "ttft_s": sum(o.first_token_s for o in outs) / n,
+        "warmup_s": max(0.0, warmup - steady),
+        "draft_acceptance": accepted / proposed if proposed else None,
+        "token_ids": [o.token_ids for o in outs],
+    }
+
+
+def time_streams(model, setup: Setup, loop: str) -> tuple[float | None, str]:
+    """Aggregate new tokens/s when `setup.streams` requests are decoded together."""
+    n = setup.streams
+    ids = [setup.ids[i % len(setup.ids)] for i in range(n)]
+    if loop == "hf":
+        texts = [setup.texts[i % len(setup.texts)] for i in range(n)]
+        params = [SamplingParams(setup.max_new_tokens)] * n
+        run = lambda: [len(g.token_ids) for g in generate_batch(model, setup.tokenizer, texts, params)]  # noqa: E731
+    elif loop == "compiled":
+        runner = BatchRunner(model, n, max(map(len, ids)) + setup.max_new_tokens, compile=True)
+        run = lambda: [len(d.token_ids) for d in greedy_decode_batch(runner, ids, setup.max_new_tokens, setup.tokenizer.eos_token_id)]  # noqa: E731
+    else:
+        return None, "speculative decoding runs one stream at a time"
+    run()  # warm-up (compiles the batch shape)
+    t0 = time.perf_counter()
+    tokens = sum(run())
+    return tokens / (time.perf_counter() - t0), "batched"
+
+
+def bench_model(name: str, model_dir: Path, setup: Setup, loops: tuple[str, ...], baseline: dict | None,
+                bandwidth: float, echo=print) -> list[dict]:
+    """Every loop on one weight format; returns one row per recipe."""
+    device = torch.device("cpu")
+    rows = []
+    for loop in loops:
+        if loop.endswith("+draft") and setup.draft is None:
+            continue
+        model = load_quantized(model_dir, device).eval()
+        if loop == "hf":
+            decode = hf_decode(model, setup, {})
+        else:
+            decode = static_decode(model, setup, loop.endswith("+draft"))
+        echo(f"  {name} · {loop} ...")
+        row = {"recipe": f"{name} · {loop}", "weights": name, "loop": loop, **time_batch1(decode, len(setup.ids))}
+        row["concurrent_tokens_per_s"], row["concurrency"] = time_streams(model, setup, loop)
+        if row["concurrent_tokens_per_s"] is None:
+            row["concurrent_tokens_per_s"] = row["tokens_per_s"]  # queued: the streams share one loop
+        row["concurrency_gain"] = row["concurrent_tokens_per_s"] / row["tokens_per_s"]
+        wbytes = weight_bytes(model_dir)
+        row.update(weight_bytes=wbytes, effective_bandwidth_gbs=wbytes * row["decode_tokens_per_s"] / 1e9,
+                   bandwidth_share=wbytes * row["decode_tokens_per_s"] / bandwidth)
+        if baseline is not None:
+            row["speedup"] = row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
+            row["same_tokens_as_baseline"] = sum(a == b for a, b in zip(row["token_ids"], baseline["token_ids"]))
+        rows.append(row)
+        del model, decode
+    return rows
+
+
+def bench_candidates(weights: dict[str, Path], draft_dir: Path | None, prompts: list[str | list[dict]],
+                     max_new_tokens: int, streams: int = 8, num_draft_tokens: int = 4, echo=print) -> dict:
+    """The baseline (fp32 `weights['none']`, transformers generate) and every recipe, in this process.
+
+    `weights`: quantization method -> quantized artifact directory (models/quant), fp32 'none' required.
+    """
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(weights["none"])
+    texts = [render_context(tokenizer, p) for p in prompts]
+    setup = Setup(tokenizer, texts, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
+                  AutoModelForCausalLM.from_pretrained(draft_dir, use_safetensors=True).eval() if draft_dir else None,
+                  max_new_tokens, streams, num_draft_tokens)
+    bandwidth = memory_bandwidth("cpu")
+    echo(f"memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s")
+    baseline = bench_model("fp32", weights["none"], setup, ("hf",), None, bandwidth, echo)[0]
+    baseline.update(recipe="baseline: fp32 · transformers generate", speedup=1.0, same_tokens_as_baseline=len(prompts))
+    rows = [baseline]
+    for method, model_dir in weights.items():
+        loops = LOOPS[1:] if method == "none" else LOOPS
+        rows += bench_model("fp32" if method == "none" else method, model_dir, setup, loops, baseline, bandwidth, echo)
+    if draft_dir:
+        rows.append(hf_draft_row(weights["none"], setup, baseline, bandwidth, echo))
+    return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "streams": streams,
+            "num_draft_tokens": num_draft_tokens, "machine_bandwidth_gbs": bandwidth / 1e9,
+            "cpus": torch.get_num_threads(), "rows": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows]}
+
+
+def hf_draft_row(model_dir: Path, setup: Setup, baseline: dict, bandwidth: float, echo=print) -> dict:
+    """transformers' assisted generation with the draft: what `strategy: draft` ships today."""
+    model = load_quantized(model_dir, torch.device("cpu")).eval()
+    echo("  fp32 · hf+draft ...")
+    extra = strategy_kwargs("draft", setup.draft, setup.num_draft_tokens, 0)
+    row = {"recipe": "fp32 · hf+draft", "weights": "fp32", "loop": "hf+draft", **time_batch1(hf_decode(model, setup, extra), len(setup.ids))}
+    wbytes = weight_bytes(model_dir)
+    row.update(concurrent_tokens_per_s=row["tokens_per_s"], concurrency="assisted generation runs one stream at a time",
+               concurrency_gain=1.0, weight_bytes=wbytes, effective_bandwidth_gbs=wbytes * row["decode_tokens_per_s"] / 1e9,
+               bandwidth_share=wbytes * row["decode_tokens_per_s"] / bandwidth,
+               speedup=row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"],
+               same_tokens_as_baseline=sum(a == b for a, b in zip(row["token_ids"], baseline["token_ids"])))
+    return row
+
+
+def random_model(like_dir: Path, out: Path, hidden: int = 768, layers: int = 14, intermediate: int = 2048,
+                 heads: int = 12) -> Path:
+    """A random-init model of the same architecture and tokenizer (~100M parameters by default), saved
+    as an fp32 'none' artifact: big enough that a decode step is bound by memory, not Python."""
+    from transformers import AutoConfig
+
+    from models.quant import quantize_model
+
+    config = AutoConfig.from_pretrained(like_dir)
+    config.update({"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": intermediate,
+                   "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": hidden // heads})
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="smelt-bench-random-") as tmp:
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(like_dir).save_pretrained(tmp)
+        quantize_model("none", Path(tmp), out, [])
+    return out
+
+
+def registered_weights(client, name: str, dst: Path) -> tuple[dict[str, Path], Path | None, dict]:
+    """The champion's run as registered: one model directory per quantization method, the trained
+    draft, and the champion itself (version, quantization, strategy, dataset version)."""
+    from tasks.register import download_candidate
+
+    champ = client.get_model_version_by_alias(name, "champion")
+    lineage = ("smelt.dataset_version", "smelt.config_hash")
+    same_run = [v for v in client.search_model_versions(f"name = '{name}'")
+                if all(v.tags.get(k) == champ.tags.get(k) for k in lineage)]
+    weights, draft = {}, None
+    # plain candidates first (no draft to copy), then one with a draft if no plain one brought it
+    for v in sorted(same_run, key=lambda v: (v.tags.get("smelt.strategy") != "plain", int(v.version))):
+        method, has_draft = v.tags.get("smelt.quant_method"), v.tags.get("smelt.strategy") == "draft"
+        if method in weights and not (has_draft and draft is None):
+            continue
+        candidate = download_candidate(name, v.version, dst / f"v{v.version}")
+        weights.setdefault(method, candidate / "model")
+        if draft is None and (candidate / "draft").exists():
+            draft = candidate / "draft"
+    if "none" not in weights:
+        raise ValueError(f"{name} v{champ.version}'s run registered no full-precision ('none') candidate to time as the "
+                         "baseline; run the pipeline with quant.methods including none")
+    return weights, draft, {"version": str(champ.version), "quant_method": champ.tags.get("smelt.quant_method"),
+                            "strategy": champ.tags.get("smelt.strategy"), "dataset_version": champ.tags.get("smelt.dataset_version")}
+
+
+def metric_key(recipe: str, metric: str) -> str:
+    """An MLflow metric name for a recipe's number (MLflow allows letters, digits, _ - . / and spaces)."""
+    return f"{recipe.replace(' · ', '.').replace('+', '_').replace(': ', '.').replace(' ', '_')}.{metric}"
+
+
+def log_benchmark(result: dict, run_name: str) -> str:
+    """One MLflow run in the `smelt-bench` experiment: every recipe's numbers and the whole table."""
+    import mlflow
+
+    mlflow.set_experiment("smelt-bench")
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.set_tags({f"smelt.{k}": str(v) for k, v in result.get("champion", {}).items()})
+        mlflow.log_metric("machine_bandwidth_gbs", result["machine_bandwidth_gbs"])
+        tables = [("", result["rows"]), ("random.", result.get("random", {}).get("rows", []))]
+        for prefix, rows in tables:
+            for r in rows:
+                mlflow.log_metrics({metric_key(prefix + r["recipe"], k): float(r[k]) for k in NUMBERS if r.get(k) is not None})
+        mlflow.log_dict(result, "serve-benchmark.json")
+    return run.info.run_id
+
+
+NUMBERS = ("decode_tokens_per_s", "tokens_per_s", "ttft_s", "speedup", "draft_acceptance", "weight_bytes",
+           "effective_bandwidth_gbs", "bandwidth_share", "concurrent_tokens_per_s", "concurrency_gain", "warmup_s")
+
+
+def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_new_tokens: int, streams: int,
+                        with_random: bool, out: Path | None, echo=print) -> dict:
+    """Bench `name`'s champion run on its own eval prompts (and a random ~100M model); write the JSON
+    report and log it to MLflow."""
+    from models.chat import row_context
+    from models.quant import quantize_model
+    from tasks.etl import load_version
+
+    with tempfile.TemporaryDirectory(prefix="smelt-bench-") as tmp:
+        weights, draft, champion = registered_weights(client, name, Path(tmp))
+        prompts = [row_context(r) for r in load_version(home / "datasets" / champion["dataset_version"]).rows("eval")[:n_prompts]]
+        echo(f"{name} v{champion['version']} (champion: {champion['quant_method']}/{champion['strategy']}); "
+             f"recipes over {sorted(weights)}, {len(prompts)} prompts, {max_new_tokens} new tokens, greedy")
+        result = bench_candidates(weights, draft, prompts, max_new_tokens, streams, cfg.decode.num_draft_tokens, echo)
+        if with_random:
+            fp32 = random_model(weights["none"], Path(tmp) / "random")
+            int8 = quantize_model("torchao-int8-dyn", fp32, Path(tmp) / "random-int8", [])
+            echo("random-init ~100M-parameter model of the same architecture:")
+            result["random"] = bench_candidates({"none": fp32, "torchao-int8-dyn": int8}, None, prompts[:4],
+                                                max_new_tokens, streams, cfg.decode.num_draft_tokens, echo)
+            result["random"]["parameters"] = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(fp32).parameters())
+    result["champion"] = {"registered_model": name, **champion}
+    out = out or home / "bench" / "serve" / f"{name}-v{champion['version']}.json"
+    write_json(out, result)
+    result["report"] = str(out)
+    result["mlflow_run_id"] = log_benchmark(result, f"bench {name} v{champion['version']}")
+    return result
+
+
+def table_rows(rows: list[dict]) -> list[list[str]]:
+    """Header + one line per recipe, formatted for the terminal."""
+    def pct(x):
+        return "-" if x is None else f"{x:.0%}"
+    head = ["recipe", "decode tok/s", "x baseline", "TTFT ms", "acceptance", "weights MB", "GB/s", "% of bw",
+            "streams tok/s", "x 1 stream", "warm-up s", "same tokens"]
+    body = [[r["recipe"], f"{r['decode_tokens_per_s']:.0f}", f"{r['speedup']:.2f}", f"{r['ttft_s'] * 1000:.1f}",
+             pct(r.get("draft_acceptance")), f"{r['weight_bytes'] / 1e6:.1f}", f"{r['effective_bandwidth_gbs']:.2f}",
+             pct(r["bandwidth_share"]), f"{r['concurrent_tokens_per_s']:.0f}", f"{r['concurrency_gain']:.2f}",
+             f"{r['warmup_s']:.1f}", str(r["same_tokens_as_baseline"])] for r in rows]
+    return [head, *body]

@@ -1,0 +1,103 @@
+"""smelt's static-cache decode loop returns exactly transformers' greedy tokens: plain, speculative
+(whatever the draft proposes), and compiled."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.fastgen import BatchRunner, StaticRunner, greedy_decode, greedy_decode_batch, speculative_decode
+
+PROMPTS = ["Return the value of the", "Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups.",
+           "x", "The module provides"]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def reference(model, prompt_ids: list[int], eos: int | None) -> list[int]:
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def noisy_copy(model, scale: float, seed: int):
+    """A draft that agrees with the target often but not always."""
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    return draft
+
+
+def eos_of(ref: list[int]) -> int:
+    """A token the reference emits mid-way, used as EOS so the stop path is exercised."""
+    return ref[len(ref) // 2]
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_greedy_decode_matches_generate(target, tokenizer, with_eos):
+    runner = StaticRunner(target, max_len=128)
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        eos = eos_of(reference(target, ids, None)) if with_eos else None
+        want = reference(target, ids, eos)
+        got = greedy_decode(runner, ids, MAX_NEW, eos)
+        assert got.token_ids == want, prompt
+        assert got.first_token_s <= got.seconds
+
+
+def test_speculative_decode_is_lossless_whatever_the_draft(target, tokenizer, tiny_draft_dir):
+    drafts = {"itself": target, "noisy": noisy_copy(target, 1.5, seed=3),
+              "unrelated": AutoModelForCausalLM.from_pretrained(tiny_draft_dir).eval()}
+    rates = {}
+    for name, draft in drafts.items():
+        t, d = StaticRunner(target, max_len=128), StaticRunner(draft, max_len=128)
+        proposed = accepted = 0
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt)["input_ids"]
+            for eos in (None, eos_of(reference(target, ids, None))):
+                got = speculative_decode(t, d, ids, MAX_NEW, eos, k=4)
+                assert got.token_ids == reference(target, ids, eos), (name, prompt, eos)
+                proposed, accepted = proposed + got.proposed, accepted + got.accepted
+        rates[name] = accepted / proposed
+    assert rates["itself"] == 1.0  # the target proposing for itself is always right
+    assert 0 < rates["noisy"] < 1  # partial acceptance: the rollback path ran
+    assert rates["unrelated"] < rates["noisy"]
+
+
+def test_compiled_paths_match_generate(target, tokenizer):
+    draft = noisy_copy(target, 1.5, seed=3)
+    t, d = StaticRunner(target, max_len=96, compile=True), StaticRunner(draft, max_len=96, compile=True)
+    for prompt in PROMPTS[:2]:
+        ids = tokenizer(prompt)["input_ids"]
+        want = reference(target, ids, None)
+        assert greedy_decode(t, ids, MAX_NEW, None).token_ids == want
+        assert speculative_decode(t, d, ids, MAX_NEW, None, k=4).token_ids == want
+
+
+def test_a_prompt_too_long_for_the_cache_is_refused(target, tokenizer):
+    with pytest.raises(ValueError, match=r"needs 40 cache positions; the static cache has 32"):
+        greedy_decode(StaticRunner(target, max_len=32), list(range(16)), 24, None)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_batched_decode_matches_batched_generate(target, tokenizer, compile):
+    """Rows of different lengths, left-padded like transformers pads them, and a batch not full."""
+    enc = tokenizer(PROMPTS[:3], padding=True, padding_side="left", return_tensors="pt")
+    eos = eos_of(reference(target, tokenizer(PROMPTS[0])["input_ids"], None))
+    want = target.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    runner = BatchRunner(target, batch=4, max_len=96, compile=compile)
+    got = greedy_decode_batch(runner, [tokenizer(p)["input_ids"] for p in PROMPTS[:3]], MAX_NEW, eos)
+    for row, g in zip(want[:, enc["input_ids"].shape[1]:].tolist(), got):
+        assert g.token_ids == (row[: row.index(eos) + 1] if eos in row else row)
+    assert any(eos in g.token_ids for g in got) and not all(len(g.token_ids) == MAX_NEW for g in got)
