@@ -44,6 +44,8 @@ class StaticRunner:
         self.model = model
         self.max_len = max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        if odd := {type(layer).__name__ for layer in self.cache.layers if not hasattr(layer, "cumulative_length")}:
+            raise ValueError(f"smelt's static decode loop cannot move the write position of cache layers {sorted(odd)}")
         self.step = torch.compile(self.forward, dynamic=False) if compile else self.forward
 
     @property
@@ -63,8 +65,19 @@ class StaticRunner:
         ids = torch.tensor([prompt_ids], device=self.device)  # [1, prompt]
         return self.forward(ids, torch.arange(len(prompt_ids), device=self.device))[0, -1]
 
+    def seek(self, position: int) -> None:
+        """Make the next write land at slot `position`.
+
+        transformers' static cache layers write at their own running length and ignore
+        `cache_position` (which only shapes the attention mask), so after a speculative round that
+        kept fewer tokens than it wrote, the write pointer must be moved back by hand.
+        """
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(position)
+
     def run(self, token_ids: list[int], start: int) -> torch.Tensor:
         """Feed tokens at positions start.. (a fixed-shape compiled step); logits [n, vocab]."""
+        self.seek(start)
         ids = torch.tensor([token_ids], device=self.device)  # [1, n]
         positions = torch.arange(start, start + len(token_ids), device=self.device)  # [n]
         return self.step(ids, positions)[0]
@@ -106,7 +119,7 @@ def speculative_decode(target: StaticRunner, draft: StaticRunner, prompt_ids: li
 
     Both caches stay consistent without copying: slots past the accepted prefix hold stale keys,
     but attention only reads slots at or before the query's position, and the next round writes
-    over them.
+    over them (`run` moves the write pointer back to the first rejected slot).
     """
     check_room(target, len(prompt_ids), max_new_tokens, k + 1)
     check_room(draft, len(prompt_ids), max_new_tokens, k + 1)

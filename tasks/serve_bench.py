@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from models.artifacts import write_json
 from models.chat import render_context
 from models.decoding import SamplingParams, generate_batch, generate_text, strategy_kwargs
 from models.fastgen import BatchRunner, Decoded, StaticRunner, greedy_decode, greedy_decode_batch, speculative_decode
@@ -268,6 +269,7 @@ def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_
             result["random"]["parameters"] = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(fp32).parameters())
     result["champion"] = {"registered_model": name, **champion}
     out = out or home / "bench" / "serve" / f"{name}-v{champion['version']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     result["report"] = str(out)
     result["mlflow_run_id"] = log_benchmark(result, f"bench {name} v{champion['version']}")

@@ -207,6 +207,27 @@ print(json.dumps(MlflowClient().get_model_version_by_alias('smelt-micro-embedded
     assert missing.returncode == 2 and "has no version '99'" in missing.stdout
 
 
+def test_bench_times_the_champions_recipes_and_logs_them(first_run, tmp_path):
+    home, _, _ = first_run
+    out = tmp_path / "bench.json"
+    done = smelt_cli(home, "bench", "-c", "micro-cpu", "-n", "2", "--streams", "2", "--max-new-tokens", "8",
+                     "--no-random-100m", "--out", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x baseline" in done.stdout and "fp32 · compiled+draft" in done.stdout
+    report = json.loads(out.read_text())
+    rows = {r["recipe"]: r for r in report["rows"]}
+    assert {"baseline: fp32 · transformers generate", "fp32 · compiled", "fp32 · compiled+draft",
+            "torchao-int8-dyn · compiled"} <= set(rows)
+    for recipe in ("fp32 · compiled", "fp32 · compiled+draft", "fp32 · hf+draft"):  # lossless: the baseline's tokens
+        assert rows[recipe]["same_tokens_as_baseline"] == 2, recipe
+    logged = json.loads(in_subprocess(home, f"""
+import json, mlflow
+run = mlflow.get_run({report['mlflow_run_id']!r})
+print(json.dumps([run.data.metrics.get('fp32.compiled.speedup'), run.data.tags.get('smelt.registered_model')]))
+"""))
+    assert logged == [pytest.approx(rows["fp32 · compiled"]["speedup"]), "smelt-micro-embedded"]
+
+
 def test_bento_exists_with_serving_and_models_code(first_run):
     home, _, _ = first_run
     info = json.loads(in_subprocess(home, """

@@ -44,6 +44,16 @@ def eos_of(ref: list[int]) -> int:
     return ref[len(ref) // 2]
 
 
+def assert_cache_holds(runner: StaticRunner, history: list[int]) -> None:
+    """The cache's keys for `history` are the ones a fresh prefill of it writes: every kept token sits
+    at its own slot. (Rejected draft tokens written to the wrong slots can leave a tiny random
+    model's greedy output unchanged, so the output alone is not proof.)"""
+    fresh = StaticRunner(runner.model, runner.max_len)
+    fresh.prefill(history)
+    for ours, theirs in zip(runner.cache.layers, fresh.cache.layers):
+        torch.testing.assert_close(ours.keys[:, :, : len(history)], theirs.keys[:, :, : len(history)], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("with_eos", [False, True])
 def test_greedy_decode_matches_generate(target, tokenizer, with_eos):
     runner = StaticRunner(target, max_len=128)
@@ -68,6 +78,7 @@ def test_speculative_decode_is_lossless_whatever_the_draft(target, tokenizer, ti
             for eos in (None, eos_of(reference(target, ids, None))):
                 got = speculative_decode(t, d, ids, MAX_NEW, eos, k=4)
                 assert got.token_ids == reference(target, ids, eos), (name, prompt, eos)
+                assert_cache_holds(t, ids + got.token_ids[:-1])
                 proposed, accepted = proposed + got.proposed, accepted + got.accepted
         rates[name] = accepted / proposed
     assert rates["itself"] == 1.0  # the target proposing for itself is always right
