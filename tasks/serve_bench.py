@@ -269,10 +269,10 @@ def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_
             result["random"]["parameters"] = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(fp32).parameters())
     result["champion"] = {"registered_model": name, **champion}
     out = out or home / "bench" / "serve" / f"{name}-v{champion['version']}.json"
+    result["mlflow_run_id"] = log_benchmark(result, f"bench {name} v{champion['version']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     result["report"] = str(out)
-    result["mlflow_run_id"] = log_benchmark(result, f"bench {name} v{champion['version']}")
     return result
 
 
