@@ -185,12 +185,14 @@ def greedy_decode_batch(runner: BatchRunner, prompts: list[list[int]], max_new_t
     nxt = runner.forward(ids, positions, slots)[:, -1].argmax(-1)  # [batch]
     first = time.perf_counter() - t0
     out = [nxt]
+    ended = nxt == (eos if eos is not None else -1)  # [batch]: rows that have emitted EOS
     for t in range(1, max_new_tokens):
-        if eos is not None and bool((torch.stack(out) == eos).any(0).all()):
-            break  # every row has ended
+        if bool(ended.all()):
+            break
         step = torch.tensor([width + t - 1], device=device)
         nxt = runner.step(nxt[:, None], (lengths + t - 1)[:, None], step)[:, -1].argmax(-1)
         out.append(nxt)
+        ended |= nxt == (eos if eos is not None else -1)
     seconds = time.perf_counter() - t0
     tokens = torch.stack(out, 1).tolist()  # [batch, new]
     return [Decoded(cut(tokens[i], max_new_tokens, eos), first, seconds) for i in range(len(prompts))]

@@ -7,6 +7,7 @@ the champion's run) with a decode loop:
   hf        transformers' generate (with its assisted generation for the draft), as the pipeline ships today
   compiled  smelt's static-cache loop (models/fastgen.py) with each step under torch.compile
   +draft    the same loop with speculative decoding by the trained draft
+  hf+draft  transformers' assisted generation with the draft: what `strategy: draft` ships today (fp32)
 
 Per recipe: decode tokens/s at batch 1 (tokens after the first over the time after the first),
 time to first token, ratio to the baseline, draft acceptance, weight bytes, effective bandwidth
@@ -34,6 +35,7 @@ from tasks.evaluate import weight_bytes
 from tasks.measure import memory_bandwidth
 
 LOOPS = ("hf", "compiled", "compiled+draft")
+FP32_LOOPS = ("compiled", "compiled+draft", "hf+draft")  # the baseline is fp32 · hf
 
 
 @dataclass
@@ -104,33 +106,36 @@ def time_streams(model, setup: Setup, loop: str) -> tuple[float | None, str]:
     return tokens / (time.perf_counter() - t0), "batched"
 
 
+def recipe_decoder(model, setup: Setup, loop: str) -> Callable[[int], Decoded]:
+    if loop == "hf":
+        return hf_decode(model, setup, {})
+    if loop == "hf+draft":
+        return hf_decode(model, setup, strategy_kwargs("draft", setup.draft, setup.num_draft_tokens, 0))
+    return static_decode(model, setup, loop.endswith("+draft"))
+
+
 def bench_model(name: str, model_dir: Path, setup: Setup, loops: tuple[str, ...], baseline: dict | None,
                 bandwidth: float, echo=print) -> list[dict]:
-    """Every loop on one weight format; returns one row per recipe."""
-    device = torch.device("cpu")
+    """Every loop on one weight format (loaded once); returns one row per recipe."""
+    model = load_quantized(model_dir, torch.device("cpu")).eval()
+    wbytes = weight_bytes(model_dir)
     rows = []
     for loop in loops:
         if loop.endswith("+draft") and setup.draft is None:
             continue
-        model = load_quantized(model_dir, device).eval()
-        if loop == "hf":
-            decode = hf_decode(model, setup, {})
-        else:
-            decode = static_decode(model, setup, loop.endswith("+draft"))
         echo(f"  {name} · {loop} ...")
-        row = {"recipe": f"{name} · {loop}", "weights": name, "loop": loop, **time_batch1(decode, len(setup.ids))}
+        row = {"recipe": f"{name} · {loop}", "weights": name, "loop": loop,
+               **time_batch1(recipe_decoder(model, setup, loop), len(setup.ids))}
         row["concurrent_tokens_per_s"], row["concurrency"] = time_streams(model, setup, loop)
         if row["concurrent_tokens_per_s"] is None:
             row["concurrent_tokens_per_s"] = row["tokens_per_s"]  # queued: the streams share one loop
         row["concurrency_gain"] = row["concurrent_tokens_per_s"] / row["tokens_per_s"]
-        wbytes = weight_bytes(model_dir)
         row.update(weight_bytes=wbytes, effective_bandwidth_gbs=wbytes * row["decode_tokens_per_s"] / 1e9,
                    bandwidth_share=wbytes * row["decode_tokens_per_s"] / bandwidth)
         if baseline is not None:
             row["speedup"] = row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
             row["same_tokens_as_baseline"] = sum(a == b for a, b in zip(row["token_ids"], baseline["token_ids"]))
         rows.append(row)
-        del model, decode
     return rows
 
 
@@ -152,28 +157,11 @@ def bench_candidates(weights: dict[str, Path], draft_dir: Path | None, prompts: 
     baseline.update(recipe="baseline: fp32 · transformers generate", speedup=1.0, same_tokens_as_baseline=len(prompts))
     rows = [baseline]
     for method, model_dir in weights.items():
-        loops = LOOPS[1:] if method == "none" else LOOPS
+        loops = FP32_LOOPS if method == "none" else LOOPS
         rows += bench_model("fp32" if method == "none" else method, model_dir, setup, loops, baseline, bandwidth, echo)
-    if draft_dir:
-        rows.append(hf_draft_row(weights["none"], setup, baseline, bandwidth, echo))
     return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "streams": streams,
             "num_draft_tokens": num_draft_tokens, "machine_bandwidth_gbs": bandwidth / 1e9,
             "cpus": torch.get_num_threads(), "rows": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows]}
-
-
-def hf_draft_row(model_dir: Path, setup: Setup, baseline: dict, bandwidth: float, echo=print) -> dict:
-    """transformers' assisted generation with the draft: what `strategy: draft` ships today."""
-    model = load_quantized(model_dir, torch.device("cpu")).eval()
-    echo("  fp32 · hf+draft ...")
-    extra = strategy_kwargs("draft", setup.draft, setup.num_draft_tokens, 0)
-    row = {"recipe": "fp32 · hf+draft", "weights": "fp32", "loop": "hf+draft", **time_batch1(hf_decode(model, setup, extra), len(setup.ids))}
-    wbytes = weight_bytes(model_dir)
-    row.update(concurrent_tokens_per_s=row["tokens_per_s"], concurrency="assisted generation runs one stream at a time",
-               concurrency_gain=1.0, weight_bytes=wbytes, effective_bandwidth_gbs=wbytes * row["decode_tokens_per_s"] / 1e9,
-               bandwidth_share=wbytes * row["decode_tokens_per_s"] / bandwidth,
-               speedup=row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"],
-               same_tokens_as_baseline=sum(a == b for a, b in zip(row["token_ids"], baseline["token_ids"])))
-    return row
 
 
 def random_model(like_dir: Path, out: Path, hidden: int = 768, layers: int = 14, intermediate: int = 2048,
