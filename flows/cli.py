@@ -386,6 +386,9 @@ def bench(
     prompts: int = typer.Option(8, "--prompts", "-n", min=1, help="Eval prompts every recipe decodes, one at a time."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=2, help="Default: the preset's decode.max_new_tokens."),
     streams: int = typer.Option(8, "--streams", min=2, help="Requests decoded together for the aggregate tokens/s."),
+    passes: int = typer.Option(3, "--passes", min=1, help="Times every recipe decodes all prompts, taking turns; a recipe's "
+                                                           "speed is its median pass, so a slow spell of the machine "
+                                                           "neither favours nor hurts one recipe."),
     with_random: bool = typer.Option(True, "--random-100m/--no-random-100m",
                                      help="Also time a random-init ~100M-parameter model of the same architecture, big "
                                           "enough to be bound by memory bandwidth."),
@@ -407,8 +410,9 @@ def bench(
 
     name = champion_name(client, name, cfg)
     result = run_serve_benchmark(client, name, cfg, home, prompts, max_new_tokens or cfg.decode.max_new_tokens, streams,
-                                 with_random, out, echo=console.print)
-    print_table(f"{name}: {result['prompts']} prompts, {result['max_new_tokens']} new tokens, {result['cpus']} threads, "
+                                 passes, with_random, out, echo=console.print)
+    print_table(f"{name}: {result['prompts']} prompts x {result['passes']} passes, {result['max_new_tokens']} new tokens, "
+                f"{result['cpus']} threads, "
                 f"memory bandwidth {result['machine_bandwidth_gbs']:.1f} GB/s", table_rows(result["rows"]))
     if "random" in result:
         print_table(f"random-init {result['random']['parameters'] / 1e6:.0f}M-parameter model, same architecture",

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Device = Literal["auto", "cpu", "cuda"]
-QuantMethod = Literal["none", "gptq-int4", "gptq-int8", "torchao-int8-dyn", "torchao-int8-wo", "torchao-int4-wo",
+QuantMethod = Literal["none", "bf16", "gptq-int4", "gptq-int8", "torchao-int8-dyn", "torchao-int8-wo", "torchao-int4-wo",
                       "bnb-int8", "bnb-nf4"]
 DecodeStrategy = Literal["plain", "draft", "prompt-lookup"]
 
@@ -183,4 +183,6 @@ class DecodeConfig(StrictModel):
     max_new_tokens: int = Field(64, ge=1, le=4096)
     num_draft_tokens: int = Field(4, ge=1, le=16, description="Tokens the draft proposes per step.")
     prompt_lookup_tokens: int = Field(5, ge=1, le=32)
-    compile: bool = Field(False, description="torch.compile the forward pass.")
+    compile: bool = Field(False, description="Decode greedy requests of plain and draft candidates with smelt's static-cache "
+                                             "loop, each step under torch.compile (models/fastgen.py); sampling, stop strings "
+                                             "and prompt-lookup go through transformers' generate.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import StaticCache
@@ -33,20 +34,36 @@ class Decoded:
         return self.accepted / self.proposed if self.proposed else None
 
 
+def compile_step(fn):
+    """`fn` under torch.compile for fixed shapes, with a C++ wrapper around the kernels.
+
+    On a small model a decode step is dominated by per-call overhead, not arithmetic: the C++
+    wrapper calls the kernels without a Python frame each. Every runner compiles the same method
+    code, and dynamo keeps a few entries per code object (8 by default) before it silently falls
+    back to eager, so the limit is raised for processes that hold several models (the benchmark).
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=False, options={"cpp_wrapper": True})
+
+
 class StaticRunner:
     """One model, a batch-1 static KV cache of `max_len` positions, and its forward (compiled or not).
 
     Prefill runs eagerly (prompt lengths vary and would recompile); decode and verify steps have
-    fixed shapes ([1, 1] and [1, k + 1]) and run through `torch.compile` when asked.
+    fixed shapes ([1, 1] and [1, k + 1]) and run through `torch.compile` when asked. Steps return
+    the greedy token after each input position, so the argmax is inside the compiled graph too.
     """
 
     def __init__(self, model, max_len: int, compile: bool = False):
         self.model = model
         self.max_len = max_len
+        self.compiled = compile
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         if odd := {type(layer).__name__ for layer in self.cache.layers if not hasattr(layer, "cumulative_length")}:
             raise ValueError(f"smelt's static decode loop cannot move the write position of cache layers {sorted(odd)}")
-        self.step = torch.compile(self.forward, dynamic=False) if compile else self.forward
+        self._step = compile_step(self.next_tokens) if compile else self.next_tokens
+        self._propose = compile_step(self.propose_tokens) if compile else self.propose_tokens
+        self.warm: set[tuple] = set()
 
     @property
     def device(self) -> torch.device:
@@ -57,30 +74,56 @@ class StaticRunner:
         return self.model(input_ids=ids, position_ids=positions.unsqueeze(0), cache_position=positions,
                           past_key_values=self.cache, use_cache=True).logits
 
-    def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
-        """Reset the cache and run the prompt; logits [vocab] of its last position."""
+    def next_tokens(self, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """ids [1, n] written at slots start.. (start: a 0-d tensor, so its value never recompiles);
+        returns the greedy token after each position [n].
+
+        transformers' static cache layers write at their own running length and ignore
+        `cache_position` (which only shapes the attention mask), so the write pointer is set here:
+        after a speculative round that kept fewer tokens than it wrote, it must move back.
+        """
+        for layer in self.cache.layers:
+            layer.cumulative_length.copy_(start)
+        positions = torch.arange(ids.shape[1], device=ids.device) + start  # [n]
+        return self.forward(ids, positions)[0].argmax(-1)
+
+    def propose_tokens(self, last: torch.Tensor, start: torch.Tensor, k: int) -> torch.Tensor:
+        """k greedy tokens after `last` [1, 1] (written at `start`), one step each, in one graph; [k]."""
+        guesses = []
+        for i in range(k):
+            last = self.next_tokens(last, start + i).unsqueeze(0)  # [1, 1]
+            guesses.append(last[0])
+        return torch.cat(guesses)
+
+    def call(self, fn, *args):
+        """Run a step; once a shape has compiled, skip re-checking dynamo's guards on every call.
+
+        The guards (every parameter and cache tensor of the model) cost more than the step itself
+        on a small model. The arguments of a warm shape differ only in tensor values, which the
+        guards do not look at, so checking only the guards that tell compiled entries apart is safe.
+        """
+        key = (fn, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        if not self.compiled or key not in self.warm:
+            self.warm.add(key)
+            return fn(*args)
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            return fn(*args)
+
+    def prefill(self, prompt_ids: list[int]) -> int:
+        """Reset the cache and run the prompt; the greedy token after it."""
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         self.cache.reset()
         ids = torch.tensor([prompt_ids], device=self.device)  # [1, prompt]
-        return self.forward(ids, torch.arange(len(prompt_ids), device=self.device))[0, -1]
+        return int(self.forward(ids, torch.arange(len(prompt_ids), device=self.device))[0, -1].argmax())
 
-    def seek(self, position: int) -> None:
-        """Make the next write land at slot `position`.
+    def run(self, token_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed tokens [n] at positions start.. (a fixed-shape step); the greedy token after each [n]."""
+        return self.call(self._step, token_ids.view(1, -1), torch.tensor(start, device=self.device))
 
-        transformers' static cache layers write at their own running length and ignore
-        `cache_position` (which only shapes the attention mask), so after a speculative round that
-        kept fewer tokens than it wrote, the write pointer must be moved back by hand.
-        """
-        for layer in self.cache.layers:
-            layer.cumulative_length.fill_(position)
-
-    def run(self, token_ids: list[int], start: int) -> torch.Tensor:
-        """Feed tokens at positions start.. (a fixed-shape compiled step); logits [n, vocab]."""
-        self.seek(start)
-        ids = torch.tensor([token_ids], device=self.device)  # [1, n]
-        positions = torch.arange(start, start + len(token_ids), device=self.device)  # [n]
-        return self.step(ids, positions)[0]
+    def propose(self, last: int, start: int, k: int) -> torch.Tensor:
+        """The draft's k greedy guesses after token `last` at position `start` [k]."""
+        return self.call(self._propose, torch.tensor([[last]], device=self.device), torch.tensor(start, device=self.device), k)
 
 
 def check_room(runner: StaticRunner, prompt_len: int, max_new_tokens: int, lookahead: int = 0) -> None:
@@ -97,22 +140,34 @@ def cut(tokens: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
 
 
 @torch.inference_mode()
-def greedy_decode(runner: StaticRunner, prompt_ids: list[int], max_new_tokens: int, eos: int | None) -> Decoded:
-    """One target forward per new token, each a compiled [1, 1] step."""
+def greedy_decode(runner: StaticRunner, prompt_ids: list[int], max_new_tokens: int, eos: int | None,
+                  on_token: Callable[[int], None] | None = None) -> Decoded:
+    """One target forward per new token, each a compiled [1, 1] step. `on_token` sees each new token
+    as it is decided (for streaming)."""
     check_room(runner, len(prompt_ids), max_new_tokens)
     t0 = time.perf_counter()
-    out = [int(runner.prefill(prompt_ids).argmax())]
+    out = [runner.prefill(prompt_ids)]
     first = time.perf_counter() - t0
+    emit(on_token, out)
+    nxt = torch.tensor(out, device=runner.device)  # [1]
     pos = len(prompt_ids)  # the position of out[-1], not yet in the cache
     while len(out) < max_new_tokens and out[-1] != eos:
-        out.append(int(runner.run([out[-1]], pos)[-1].argmax()))
+        nxt = runner.run(nxt, pos)
+        out.append(int(nxt))
+        emit(on_token, out[-1:])
         pos += 1
     return Decoded(cut(out, max_new_tokens, eos), first, time.perf_counter() - t0)
 
 
+def emit(on_token: Callable[[int], None] | None, tokens: list[int]) -> None:
+    if on_token is not None:
+        for t in tokens:
+            on_token(t)
+
+
 @torch.inference_mode()
 def speculative_decode(target: StaticRunner, draft: StaticRunner, prompt_ids: list[int], max_new_tokens: int,
-                       eos: int | None, k: int) -> Decoded:
+                       eos: int | None, k: int, on_token: Callable[[int], None] | None = None) -> Decoded:
     """Greedy speculative decoding: the draft proposes `k` tokens one by one, the target checks them
     all in one [1, k + 1] forward and keeps the longest prefix equal to its own greedy choices, plus
     its own next token. Output = the target's greedy output, whatever the draft proposes.
@@ -124,23 +179,24 @@ def speculative_decode(target: StaticRunner, draft: StaticRunner, prompt_ids: li
     check_room(target, len(prompt_ids), max_new_tokens, k + 1)
     check_room(draft, len(prompt_ids), max_new_tokens, k + 1)
     t0 = time.perf_counter()
-    out = [int(target.prefill(prompt_ids).argmax())]
+    out = [target.prefill(prompt_ids)]
     first = time.perf_counter() - t0
+    emit(on_token, out)
     draft.prefill(prompt_ids)
     pos, proposed, accepted = len(prompt_ids), 0, 0  # pos: position of out[-1], in neither cache yet
     while len(out) < max_new_tokens and out[-1] != eos:
-        guesses, last = [], out[-1]
-        for i in range(k):  # the draft writes out[-1], g1..g(k-1) at pos..pos+k-1
-            last = int(draft.run([last], pos + i)[-1].argmax())
-            guesses.append(last)
-        choices = target.run([out[-1], *guesses], pos).argmax(-1).tolist()  # [k + 1]: target's token after each
+        proposal = draft.propose(out[-1], pos, k)  # [k]: the draft wrote out[-1], g1..g(k-1) at pos..pos+k-1
+        last = torch.tensor(out[-1:], device=target.device)
+        choices = target.run(torch.cat([last, proposal]), pos).tolist()  # [k + 1]: target's token after each
+        guesses = proposal.tolist()
         n = 0
         while n < k and guesses[n] == choices[n]:
             n += 1
         if n == k:  # all kept: the draft never wrote its last guess into its cache
-            draft.run([guesses[-1]], pos + k)
-        new = guesses[:n] + [choices[n]]
+            draft.run(proposal[-1:], pos + k)
+        new = cut(guesses[:n] + [choices[n]], max_new_tokens - len(out), eos)
         out += new
+        emit(on_token, new)
         pos += n + 1
         proposed, accepted = proposed + k, accepted + n
         if eos in new:
@@ -161,6 +217,11 @@ class BatchRunner(StaticRunner):
         """ids [batch, n] at per-row positions [batch, n], cache slots [n]; logits [batch, n, vocab]."""
         return self.model(input_ids=ids, position_ids=positions, cache_position=slots, attention_mask=self.mask,
                           past_key_values=self.cache, use_cache=True).logits
+
+    def next_tokens(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """One new token per row, ids [batch, 1] at per-row positions [batch, 1], cache slot [1]
+        (the same for every row: they are left-padded to one width); the greedy token after it [batch]."""
+        return self.forward(ids, positions, slot)[:, -1].argmax(-1)
 
 
 @torch.inference_mode()
@@ -189,10 +250,58 @@ def greedy_decode_batch(runner: BatchRunner, prompts: list[list[int]], max_new_t
     for t in range(1, max_new_tokens):
         if bool(ended.all()):
             break
-        step = torch.tensor([width + t - 1], device=device)
-        nxt = runner.step(nxt[:, None], (lengths + t - 1)[:, None], step)[:, -1].argmax(-1)
+        slot = torch.tensor([width + t - 1], device=device)
+        nxt = runner.call(runner._step, nxt[:, None], (lengths + t - 1)[:, None], slot)
         out.append(nxt)
         ended |= nxt == (eos if eos is not None else -1)
     seconds = time.perf_counter() - t0
     tokens = torch.stack(out, 1).tolist()  # [batch, new]
     return [Decoded(cut(tokens[i], max_new_tokens, eos), first, seconds) for i in range(len(prompts))]
+
+
+class CompiledDecoder:
+    """What a compiled candidate decodes with: static-cache runners for the target (and its draft),
+    built on first use per cache size (prompt + new tokens, rounded up to `bucket` positions) and
+    per batch size (rounded up to a power of two). Each runner compiles its few shapes as it is
+    built, so a request never waits on a compile halfway through its tokens."""
+
+    def __init__(self, model, draft=None, num_draft_tokens: int = 4, bucket: int = 256):
+        self.model, self.draft, self.k, self.bucket = model, draft, num_draft_tokens, bucket
+        self.runners: dict[tuple[str, int, int], StaticRunner] = {}
+
+    def runner(self, role: str, batch: int, need: int) -> StaticRunner:
+        """role 'target' or 'draft'; batch 0 for the batch-1 runner (speculative decoding needs it)."""
+        key = (role, batch, -(-need // self.bucket) * self.bucket)
+        if key not in self.runners:
+            self.runners[key] = self.build(*key)
+        return self.runners[key]
+
+    @torch.inference_mode()
+    def build(self, role: str, batch: int, length: int) -> StaticRunner:
+        model = self.model if role == "target" else self.draft
+        if batch:
+            runner = BatchRunner(model, batch, length, compile=True)
+            greedy_decode_batch(runner, [[0]], 2, None)  # compiles the [batch, 1] step
+            return runner
+        runner = StaticRunner(model, length, compile=True)
+        runner.prefill([0])
+        runner.run(torch.zeros(1, dtype=torch.long, device=runner.device), 1)  # [1, 1] step
+        if self.draft is not None and role == "target":
+            runner.run(torch.zeros(self.k + 1, dtype=torch.long, device=runner.device), 1)  # [1, k + 1] verify
+        if role == "draft":
+            runner.propose(0, 1, self.k)
+        return runner
+
+    def decode(self, prompt_ids: list[int], max_new_tokens: int, eos: int | None,
+               on_token: Callable[[int], None] | None = None) -> Decoded:
+        need = len(prompt_ids) + max_new_tokens + self.k + 1
+        target = self.runner("target", 0, need)
+        if self.draft is None:
+            return greedy_decode(target, prompt_ids, max_new_tokens, eos, on_token)
+        return speculative_decode(target, self.runner("draft", 0, need), prompt_ids, max_new_tokens, eos, self.k, on_token)
+
+    def decode_batch(self, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Decoded]:
+        """Greedy, the target alone (speculative decoding is batch-1 here, as in transformers)."""
+        batch = 1 << (len(prompts) - 1).bit_length()
+        return greedy_decode_batch(self.runner("target", batch, max(map(len, prompts)) + max_new_tokens),
+                                   prompts, max_new_tokens, eos)

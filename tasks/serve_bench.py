@@ -17,6 +17,7 @@ greedy tokens equal the baseline's.
 """
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,13 +30,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.artifacts import write_json
 from models.chat import render_context
 from models.decoding import SamplingParams, generate_batch, generate_text, strategy_kwargs
-from models.fastgen import BatchRunner, Decoded, StaticRunner, greedy_decode, greedy_decode_batch, speculative_decode
+from models.fastgen import CompiledDecoder, Decoded
 from models.quant import load_quantized
 from tasks.evaluate import weight_bytes
 from tasks.measure import memory_bandwidth
 
 LOOPS = ("hf", "compiled", "compiled+draft")
-FP32_LOOPS = ("compiled", "compiled+draft", "hf+draft")  # the baseline is fp32 · hf
+FP32_LOOPS = ("compiled", "compiled+draft", "hf+draft")  # after fp32 · hf, the baseline
 
 
 @dataclass
@@ -51,96 +52,109 @@ class Setup:
     num_draft_tokens: int
 
 
-def hf_decode(model, setup: Setup, extra: dict) -> Callable[[int], Decoded]:
-    def run(i: int) -> Decoded:
+@dataclass
+class Recipe:
+    """One weight format x decode loop, ready to time: `decode(i)` decodes prompt i at batch 1,
+    `streams()` decodes `setup.streams` prompts together (None where the loop runs one at a time)."""
+
+    name: str
+    weights: str
+    loop: str
+    weight_bytes: int
+    decode: Callable[[int], Decoded]
+    streams: Callable[[], list[Decoded]] | None
+
+
+def hf_recipe(model, setup: Setup, extra: dict) -> tuple[Callable, Callable | None]:
+    def decode(i: int) -> Decoded:
         g = generate_text(model, setup.tokenizer, setup.texts[i], SamplingParams(setup.max_new_tokens), extra)
         return Decoded(g.token_ids, g.first_token_s or g.seconds, g.seconds)
-    return run
+
+    def streams() -> list[Decoded]:
+        n = setup.streams
+        texts = [setup.texts[i % len(setup.texts)] for i in range(n)]
+        gens = generate_batch(model, setup.tokenizer, texts, [SamplingParams(setup.max_new_tokens)] * n)
+        return [Decoded(g.token_ids, g.seconds, g.seconds) for g in gens]
+    return decode, None if extra else streams
 
 
-def static_decode(model, setup: Setup, with_draft: bool) -> Callable[[int], Decoded]:
-    room = max(map(len, setup.ids)) + setup.max_new_tokens + setup.num_draft_tokens + 1
-    target = StaticRunner(model, room, compile=True)
+def compiled_recipe(model, setup: Setup, with_draft: bool) -> tuple[Callable, Callable | None]:
+    """What a candidate with `decode.compile` ships (models/candidate.py): smelt's static-cache loop."""
+    fast = CompiledDecoder(model, setup.draft if with_draft else None, setup.num_draft_tokens)
     eos = setup.tokenizer.eos_token_id
-    if not with_draft:
-        return lambda i: greedy_decode(target, setup.ids[i], setup.max_new_tokens, eos)
-    draft = StaticRunner(setup.draft, room, compile=True)
-    return lambda i: speculative_decode(target, draft, setup.ids[i], setup.max_new_tokens, eos, setup.num_draft_tokens)
+    ids = [setup.ids[i % len(setup.ids)] for i in range(setup.streams)]
+    return (lambda i: fast.decode(setup.ids[i], setup.max_new_tokens, eos),
+            None if with_draft else lambda: fast.decode_batch(ids, setup.max_new_tokens, eos))
 
 
-def time_batch1(decode: Callable[[int], Decoded], n: int) -> dict:
-    """Warm up on the first prompt (compiles), then decode every prompt one at a time."""
-    t0 = time.perf_counter()
-    decode(0)
-    warmup = time.perf_counter() - t0
-    outs = [decode(i) for i in range(n)]
-    steady = sum(o.seconds for o in outs) / n
-    after_first = sum(len(o.token_ids) - 1 for o in outs)
-    proposed, accepted = sum(o.proposed for o in outs), sum(o.accepted for o in outs)
-    return {
-        "decode_tokens_per_s": after_first / max(1e-9, sum(o.seconds - o.first_token_s for o in outs)),
-        "tokens_per_s": sum(len(o.token_ids) for o in outs) / sum(o.seconds for o in outs),
-        "ttft_s": sum(o.first_token_s for o in outs) / n,
+def build_recipe(model, setup: Setup, weights: str, loop: str, wbytes: int) -> Recipe:
+    if loop == "hf":
+        fns = hf_recipe(model, setup, {})
+    elif loop == "hf+draft":
+        fns = hf_recipe(model, setup, strategy_kwargs("draft", setup.draft, setup.num_draft_tokens, 0))
+    else:
+        fns = compiled_recipe(model, setup, loop.endswith("+draft"))
+    return Recipe(f"{weights} · {loop}", weights, loop, wbytes, *fns)
+
+
+def time_recipes(recipes: list[Recipe], n: int, passes: int, echo=print) -> list[dict]:
+    """Warm every recipe up (compiles), then time them in turns: each recipe decodes every prompt, then
+    the next recipe, `passes` times over; a recipe's speed is its median pass. This host's speed
+    drifts (the same loop measured 2.5x apart minutes apart), so turns spread the drift over every
+    recipe and the median drops a pass that hit a slow spell. Turns are per recipe, not per prompt:
+    compiled kernels and eager PyTorch keep separate OpenMP thread pools whose threads spin a while
+    after each kernel, so switching loops every prompt slows whichever runs next."""
+    warmup, outs, streams = {}, {r.name: [] for r in recipes}, {r.name: [] for r in recipes}
+    for r in recipes:
+        echo(f"  warming up {r.name} ...")
+        t0 = time.perf_counter()
+        r.decode(0)
+        warmup[r.name] = time.perf_counter() - t0
+        if r.streams:
+            r.streams()
+    for p in range(passes):
+        echo(f"  timing pass {p + 1}/{passes}: {len(recipes)} recipes x {n} prompts, then the concurrent streams")
+        for r in recipes:
+            outs[r.name].append([r.decode(i) for i in range(n)])
+        for r in recipes:
+            if r.streams:
+                t0 = time.perf_counter()
+                tokens = sum(len(d.token_ids) for d in r.streams())
+                streams[r.name].append(tokens / (time.perf_counter() - t0))
+    return [summarize(r, outs[r.name], warmup[r.name], streams[r.name]) for r in recipes]
+
+
+def decode_rate(outs: list[Decoded]) -> float:
+    """New tokens after the first per second after the first token (the decode phase)."""
+    return sum(len(o.token_ids) - 1 for o in outs) / max(1e-9, sum(o.seconds - o.first_token_s for o in outs))
+
+
+def summarize(r: Recipe, passes: list[list[Decoded]], warmup: float, streams: list[float]) -> dict:
+    every = [o for p in passes for o in p]
+    steady = sum(o.seconds for o in every) / len(every)
+    proposed, accepted = sum(o.proposed for o in every), sum(o.accepted for o in every)
+    rates = [decode_rate(p) for p in passes]
+    totals = [sum(len(o.token_ids) for o in p) / sum(o.seconds for o in p) for p in passes]
+    row = {
+        "recipe": r.name, "weights": r.weights, "loop": r.loop,
+        "decode_tokens_per_s": statistics.median(rates), "decode_tokens_per_s_passes": rates,
+        "tokens_per_s": statistics.median(totals),
+        "ttft_s": statistics.median(o.first_token_s for o in every),
         "warmup_s": max(0.0, warmup - steady),
         "draft_acceptance": accepted / proposed if proposed else None,
-        "token_ids": [o.token_ids for o in outs],
+        "token_ids": [o.token_ids for o in passes[0]],
+        "weight_bytes": r.weight_bytes,
     }
-
-
-def time_streams(model, setup: Setup, loop: str) -> tuple[float | None, str]:
-    """Aggregate new tokens/s when `setup.streams` requests are decoded together."""
-    n = setup.streams
-    ids = [setup.ids[i % len(setup.ids)] for i in range(n)]
-    if loop == "hf":
-        texts = [setup.texts[i % len(setup.texts)] for i in range(n)]
-        params = [SamplingParams(setup.max_new_tokens)] * n
-        run = lambda: [len(g.token_ids) for g in generate_batch(model, setup.tokenizer, texts, params)]  # noqa: E731
-    elif loop == "compiled":
-        runner = BatchRunner(model, n, max(map(len, ids)) + setup.max_new_tokens, compile=True)
-        run = lambda: [len(d.token_ids) for d in greedy_decode_batch(runner, ids, setup.max_new_tokens, setup.tokenizer.eos_token_id)]  # noqa: E731
-    else:
-        return None, "speculative decoding runs one stream at a time"
-    run()  # warm-up (compiles the batch shape)
-    t0 = time.perf_counter()
-    tokens = sum(run())
-    return tokens / (time.perf_counter() - t0), "batched"
-
-
-def recipe_decoder(model, setup: Setup, loop: str) -> Callable[[int], Decoded]:
-    if loop == "hf":
-        return hf_decode(model, setup, {})
-    if loop == "hf+draft":
-        return hf_decode(model, setup, strategy_kwargs("draft", setup.draft, setup.num_draft_tokens, 0))
-    return static_decode(model, setup, loop.endswith("+draft"))
-
-
-def bench_model(name: str, model_dir: Path, setup: Setup, loops: tuple[str, ...], baseline: dict | None,
-                bandwidth: float, echo=print) -> list[dict]:
-    """Every loop on one weight format (loaded once); returns one row per recipe."""
-    model = load_quantized(model_dir, torch.device("cpu")).eval()
-    wbytes = weight_bytes(model_dir)
-    rows = []
-    for loop in loops:
-        if loop.endswith("+draft") and setup.draft is None:
-            continue
-        echo(f"  {name} · {loop} ...")
-        row = {"recipe": f"{name} · {loop}", "weights": name, "loop": loop,
-               **time_batch1(recipe_decoder(model, setup, loop), len(setup.ids))}
-        row["concurrent_tokens_per_s"], row["concurrency"] = time_streams(model, setup, loop)
-        if row["concurrent_tokens_per_s"] is None:
-            row["concurrent_tokens_per_s"] = row["tokens_per_s"]  # queued: the streams share one loop
-        row["concurrency_gain"] = row["concurrent_tokens_per_s"] / row["tokens_per_s"]
-        row.update(weight_bytes=wbytes, effective_bandwidth_gbs=wbytes * row["decode_tokens_per_s"] / 1e9,
-                   bandwidth_share=wbytes * row["decode_tokens_per_s"] / bandwidth)
-        if baseline is not None:
-            row["speedup"] = row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
-            row["same_tokens_as_baseline"] = sum(a == b for a, b in zip(row["token_ids"], baseline["token_ids"]))
-        rows.append(row)
-    return rows
+    if streams:
+        row["concurrent_tokens_per_s"], row["concurrency"] = statistics.median(streams), "batched"
+    else:  # queued: the streams share one loop, one request at a time
+        row["concurrent_tokens_per_s"], row["concurrency"] = row["tokens_per_s"], "speculative decoding runs one stream at a time"
+    row["concurrency_gain"] = row["concurrent_tokens_per_s"] / row["tokens_per_s"]
+    return row
 
 
 def bench_candidates(weights: dict[str, Path], draft_dir: Path | None, prompts: list[str | list[dict]],
-                     max_new_tokens: int, streams: int = 8, num_draft_tokens: int = 4, echo=print) -> dict:
+                     max_new_tokens: int, streams: int = 8, num_draft_tokens: int = 4, passes: int = 3, echo=print) -> dict:
     """The baseline (fp32 `weights['none']`, transformers generate) and every recipe, in this process.
 
     `weights`: quantization method -> quantized artifact directory (models/quant), fp32 'none' required.
@@ -153,13 +167,22 @@ def bench_candidates(weights: dict[str, Path], draft_dir: Path | None, prompts: 
                   max_new_tokens, streams, num_draft_tokens)
     bandwidth = memory_bandwidth("cpu")
     echo(f"memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s")
-    baseline = bench_model("fp32", weights["none"], setup, ("hf",), None, bandwidth, echo)[0]
-    baseline.update(recipe="baseline: fp32 · transformers generate", speedup=1.0, same_tokens_as_baseline=len(prompts))
-    rows = [baseline]
-    for method, model_dir in weights.items():
-        loops = FP32_LOOPS if method == "none" else LOOPS
-        rows += bench_model("fp32" if method == "none" else method, model_dir, setup, loops, baseline, bandwidth, echo)
-    return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "streams": streams,
+    recipes = []
+    for method, model_dir in sorted(weights.items(), key=lambda kv: kv[0] != "none"):  # fp32 first: the baseline
+        model = load_quantized(model_dir, torch.device("cpu")).eval()  # each weight format loaded once for all its loops
+        name = "fp32" if method == "none" else method
+        loops = ("hf",) + FP32_LOOPS if method == "none" else LOOPS
+        recipes += [build_recipe(model, setup, name, loop, weight_bytes(model_dir))
+                    for loop in loops if setup.draft is not None or not loop.endswith("+draft")]
+    rows = time_recipes(recipes, len(prompts), passes, echo)
+    baseline = rows[0]
+    baseline["recipe"] = "baseline: fp32 · transformers generate"
+    for row in rows:
+        row.update(effective_bandwidth_gbs=row["weight_bytes"] * row["decode_tokens_per_s"] / 1e9,
+                   bandwidth_share=row["weight_bytes"] * row["decode_tokens_per_s"] / bandwidth,
+                   speedup=row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"],
+                   same_tokens_as_baseline=sum(a == b for a, b in zip(row["token_ids"], baseline["token_ids"])))
+    return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "streams": streams, "passes": passes,
             "num_draft_tokens": num_draft_tokens, "machine_bandwidth_gbs": bandwidth / 1e9,
             "cpus": torch.get_num_threads(), "rows": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows]}
 
@@ -235,7 +258,7 @@ NUMBERS = ("decode_tokens_per_s", "tokens_per_s", "ttft_s", "speedup", "draft_ac
 
 
 def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_new_tokens: int, streams: int,
-                        with_random: bool, out: Path | None, echo=print) -> dict:
+                        passes: int, with_random: bool, out: Path | None, echo=print) -> dict:
     """Bench `name`'s champion run on its own eval prompts (and a random ~100M model); write the JSON
     report and log it to MLflow."""
     from models.chat import row_context
@@ -247,13 +270,13 @@ def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_
         prompts = [row_context(r) for r in load_version(home / "datasets" / champion["dataset_version"]).rows("eval")[:n_prompts]]
         echo(f"{name} v{champion['version']} (champion: {champion['quant_method']}/{champion['strategy']}); "
              f"recipes over {sorted(weights)}, {len(prompts)} prompts, {max_new_tokens} new tokens, greedy")
-        result = bench_candidates(weights, draft, prompts, max_new_tokens, streams, cfg.decode.num_draft_tokens, echo)
+        result = bench_candidates(weights, draft, prompts, max_new_tokens, streams, cfg.decode.num_draft_tokens, passes, echo)
         if with_random:
             fp32 = random_model(weights["none"], Path(tmp) / "random")
             int8 = quantize_model("torchao-int8-dyn", fp32, Path(tmp) / "random-int8", [])
             echo("random-init ~100M-parameter model of the same architecture:")
             result["random"] = bench_candidates({"none": fp32, "torchao-int8-dyn": int8}, None, prompts[:4],
-                                                max_new_tokens, streams, cfg.decode.num_draft_tokens, echo)
+                                                max_new_tokens, streams, cfg.decode.num_draft_tokens, passes, echo)
             result["random"]["parameters"] = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(fp32).parameters())
     result["champion"] = {"registered_model": name, **champion}
     out = out or home / "bench" / "serve" / f"{name}-v{champion['version']}.json"

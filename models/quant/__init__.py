@@ -26,6 +26,7 @@ QUANT_META = "smelt_quant.json"
 # so an optional backend's import cost or absence only matters when that method is asked for.
 BACKENDS: dict[str, tuple[str, dict, str | None]] = {
     "none": ("models.quant.full", {}, None),
+    "bf16": ("models.quant.full", {"dtype": "bfloat16"}, None),
     "gptq-int4": ("models.quant.gptq", {"bits": 4}, "gptqmodel"),
     "gptq-int8": ("models.quant.gptq", {"bits": 8}, "gptqmodel"),
     "torchao-int8-dyn": ("models.quant.torchao", {"scheme": "int8-dyn"}, "torchao"),

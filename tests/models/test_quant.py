@@ -30,7 +30,7 @@ for path in sys.argv[1:]:
 """
 # What each method's up_proj must look like after a fresh load: proof the quantized form came back.
 QUANTIZED_LAYER = {
-    "none": ("Linear", "Parameter"), "gptq-int4": ("Torch", None), "gptq-int8": ("Torch", None),
+    "none": ("Linear", "Parameter"), "bf16": ("Linear", "Parameter"), "gptq-int4": ("Torch", None), "gptq-int8": ("Torch", None),
     "torchao-int8-dyn": ("Linear", "Int8"), "torchao-int8-wo": ("Linear", "Int8"),
     "torchao-int4-wo": ("Linear", "Int4"), "bnb-int8": ("Linear8bitLt", None), "bnb-nf4": ("Linear4bit", None),
 }
@@ -81,6 +81,8 @@ def test_quantize_save_load_in_a_fresh_process_and_generate(method, artifacts, f
     print(f"{method}: {dir_size_bytes(out)} bytes on disk, fresh load {fresh['load_s']:.2f} s")
 
     model = load_quantized(out, torch.device("cpu"))
+    if method in ("none", "bf16"):
+        assert model.model.layers[0].mlp.up_proj.weight.dtype == (torch.bfloat16 if method == "bf16" else torch.float32)
     with torch.inference_mode():
         diff = (model(IDS).logits.float() - reference_logits).abs().max().item()
     scale = reference_logits.abs().max().item()
@@ -136,4 +138,4 @@ def test_a_method_the_cpu_cannot_run_is_refused_with_the_reason_and_the_alternat
     assert proc.returncode == 0, proc.stderr[-2000:]
     msg = proc.stdout.strip().splitlines()[-1]
     assert msg.startswith("quantization method 'bnb-nf4' cannot run on cpu: bitsandbytes on the CPU needs AVX2")
-    assert "methods that can: ['none', 'gptq-int4'" in msg and "bnb-int8" not in msg.split("methods that can:")[1]
+    assert "methods that can: ['none', 'bf16', 'gptq-int4'" in msg and "bnb-int8" not in msg.split("methods that can:")[1]

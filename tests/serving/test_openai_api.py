@@ -27,9 +27,13 @@ PROMPT = "Extract the city: Bob lives in Paris."
 def candidates(varied_model_dir, tiny_draft_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     quantize_model("none", varied_model_dir, root / "q", [])
-    decode = DecodeConfig(max_new_tokens=16)
-    return {s: load_candidate(assemble_candidate(root / "q", tiny_draft_dir, s, decode, root / s), torch.device("cpu"))
-            for s in ("plain", "draft")}
+    out = {}
+    for compile in (False, True):  # "-compiled": smelt's compiled static-cache loop (decode.compile)
+        decode = DecodeConfig(max_new_tokens=16, compile=compile)
+        for s in ("plain", "draft"):
+            name = s + ("-compiled" if compile else "")
+            out[name] = load_candidate(assemble_candidate(root / "q", tiny_draft_dir, s, decode, root / name), torch.device("cpu"))
+    return out
 
 
 def make_client(candidate, **cfg):
@@ -72,10 +76,11 @@ def read_stream(response) -> tuple[str, list[dict]]:
     return text, chunks
 
 
-@pytest.mark.parametrize("strategy", ["plain", "draft"])
+@pytest.mark.parametrize("strategy", ["plain", "draft", "draft-compiled"])
 def test_streamed_chat_equals_the_whole_answer(candidates, strategy):
     client, _ = make_client(candidates[strategy])
     whole = chat(client).json()["choices"][0]["message"]["content"]
+    assert whole == candidates["plain"].generate(PROMPT).text  # every recipe here is lossless
     with client.stream("POST", "/chat/completions", json={"model": "tiny", "stream": True, "stream_options": {"include_usage": True},
                                                           "messages": [{"role": "user", "content": PROMPT}]}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -150,8 +155,9 @@ def test_a_full_queue_answers_429_with_retry_after(candidates):
     assert chat(client, max_tokens=2).status_code == 200  # served again once the queue drained
 
 
-def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(candidates):
-    cand = candidates["plain"]
+@pytest.mark.parametrize("recipe", ["plain", "plain-compiled"])
+def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(candidates, recipe):
+    cand = candidates[recipe]
     registry = CollectorRegistry()
     engine = Engine(cand, ServeConfig(model_id="tiny", max_batch_size=4, batch_wait_ms=500), Metrics(registry))
     prompts = [PROMPT, "The quick brown fox", "def foo(x): return x + 1", "Name the day: Monday"]
@@ -159,6 +165,7 @@ def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(candidates):
     jobs = [engine.submit(render_prompt(cand.tokenizer, p), SamplingParams(12)) for p in prompts]
     together = [j.future.result(timeout=120) for j in jobs]
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [g.token_ids for g in alone] == [candidates["plain"].generate(p, 12).token_ids for p in prompts]
     # each of the 4 requests was decoded in a batch of 4
     assert registry.get_sample_value("smelt_batch_size_sum") == 16 and registry.get_sample_value("smelt_batch_size_count") == 4
     assert registry.get_sample_value("smelt_generated_tokens_total") == sum(g.new_tokens for g in alone)
