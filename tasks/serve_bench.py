@@ -37,6 +37,8 @@ from tasks.measure import memory_bandwidth
 
 LOOPS = ("hf", "compiled", "compiled+draft")
 FP32_LOOPS = ("compiled", "compiled+draft", "hf+draft")  # after fp32 · hf, the baseline
+# weight formats of the random ~100M model: need no calibration, and read fewer bytes per token than fp32
+RANDOM_FORMATS = ("bf16", "torchao-int8-dyn")
 
 
 @dataclass
@@ -273,9 +275,9 @@ def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_
         result = bench_candidates(weights, draft, prompts, max_new_tokens, streams, cfg.decode.num_draft_tokens, passes, echo)
         if with_random:
             fp32 = random_model(weights["none"], Path(tmp) / "random")
-            int8 = quantize_model("torchao-int8-dyn", fp32, Path(tmp) / "random-int8", [])
+            formats = {"none": fp32, **{m: quantize_model(m, fp32, Path(tmp) / f"random-{m}", []) for m in RANDOM_FORMATS}}
             echo("random-init ~100M-parameter model of the same architecture:")
-            result["random"] = bench_candidates({"none": fp32, "torchao-int8-dyn": int8}, None, prompts[:4],
+            result["random"] = bench_candidates(formats, None, prompts[:4],
                                                 max_new_tokens, streams, cfg.decode.num_draft_tokens, passes, echo)
             result["random"]["parameters"] = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(fp32).parameters())
     result["champion"] = {"registered_model": name, **champion}
