@@ -211,7 +211,7 @@ def test_bench_times_the_champions_recipes_and_logs_them(first_run, tmp_path):
     home, _, _ = first_run
     out = tmp_path / "bench.json"
     done = smelt_cli(home, "bench", "-c", "micro-cpu", "-n", "2", "--streams", "2", "--max-new-tokens", "8",
-                     "--no-random-100m", "--out", str(out))
+                     "--no-random-100m", "--passes", "1", "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "x baseline" in done.stdout and "fp32 · compiled+draft" in done.stdout
     report = json.loads(out.read_text())
