@@ -12,7 +12,6 @@ Every function here is lossless under greedy decoding: it returns the tokens
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -269,10 +268,6 @@ class CompiledDecoder:
     def __init__(self, model, draft=None, num_draft_tokens: int = 4, bucket: int = 256):
         self.model, self.draft, self.k, self.bucket = model, draft, num_draft_tokens, bucket
         self.runners: dict[tuple[str, int, int], StaticRunner] = {}
-        # One thread compiles and runs every graph. Measured: graphs compiled in one thread and run
-        # from another (the server's engine thread) decoded at 0.4x, as dynamo added entries for the
-        # new thread; compiled and run in one thread they keep full speed, whichever thread calls.
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="smelt-fastgen")
 
     def runner(self, role: str, batch: int, need: int) -> StaticRunner:
         """role 'target' or 'draft'; batch 0 for the batch-1 runner (speculative decoding needs it)."""
@@ -299,22 +294,18 @@ class CompiledDecoder:
 
     def decode(self, prompt_ids: list[int], max_new_tokens: int, eos: int | None,
                on_token: Callable[[int], None] | None = None) -> Decoded:
-        """Greedy (speculative with a draft) decoding of one prompt, on the decoder's own thread."""
-        return self.worker.submit(self.decode_here, prompt_ids, max_new_tokens, eos, on_token).result()
+        """Greedy (speculative with a draft) decoding of one prompt.
 
-    def decode_batch(self, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Decoded]:
-        """Greedy, the target alone (speculative decoding is batch-1 here, as in transformers)."""
-        return self.worker.submit(self.decode_batch_here, prompts, max_new_tokens, eos).result()
-
-    def decode_here(self, prompt_ids: list[int], max_new_tokens: int, eos: int | None,
-                    on_token: Callable[[int], None] | None = None) -> Decoded:
+        Call from one thread: graphs compiled in the main thread and run from another decoded at
+        0.4x here (the server warms up on its engine thread for that reason)."""
         need = len(prompt_ids) + max_new_tokens + self.k + 1
         target = self.runner("target", 0, need)
         if self.draft is None:
             return greedy_decode(target, prompt_ids, max_new_tokens, eos, on_token)
         return speculative_decode(target, self.runner("draft", 0, need), prompt_ids, max_new_tokens, eos, self.k, on_token)
 
-    def decode_batch_here(self, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Decoded]:
+    def decode_batch(self, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Decoded]:
+        """Greedy, the target alone (speculative decoding is batch-1 here, as in transformers)."""
         batch = 1 << (len(prompts) - 1).bit_length()
         return greedy_decode_batch(self.runner("target", batch, max(map(len, prompts)) + max_new_tokens),
                                    prompts, max_new_tokens, eos)

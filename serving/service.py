@@ -56,8 +56,11 @@ class SmeltService:
         labels = self.model_ref.info.labels
         cfg.model_id = cfg.model_id or labels.get("registered_model") or self.model_ref.tag.name
         self.candidate = load_candidate(Path(self.model_ref.path), resolve_device(cfg.device))
-        self.candidate.generate("warm-up", max_new_tokens=2)  # compile and allocate before /readyz says yes
-        self.engine = Engine(self.candidate, cfg, Metrics())
+        # Compile and allocate before /readyz says yes, on the engine's thread: a compiled candidate's
+        # graphs decode at full speed only in the thread that compiled them (models/fastgen.py).
+        self.engine = Engine(self.candidate, cfg)
+        self.engine.submit(render_prompt(self.candidate.tokenizer, "warm-up"), SamplingParams(2)).future.result()
+        self.engine.metrics = Metrics()  # counted from the first real request
         openai_app.state.engine = self.engine
 
     @bentoml.api
