@@ -137,7 +137,7 @@ def evaluation_markdown(reports: list[dict], base: dict | None, selection: dict,
         *([f"Fine-tuning gain on the eval split (full precision, plain decoding, vs the base model): "
            f"{gain_line(finetune_gain(reports, base))}.", ""] if finetune_gain(reports, base) else []),
         f"Machine memory bandwidth measured in this run: {reports[0].get('machine_bandwidth_gbs', 0):.1f} GB/s "
-        "(large tensor copy, read + write). BW share = weight bytes x decode tokens/s over it.",
+        "(read: a sum over 256 MiB). BW share = weight bytes x decode tokens/s over it.",
     ]
     if lm_eval:
         parts += ["", "## lm-evaluation-harness", "", "```json", json.dumps(lm_eval, indent=2, default=str), "```"]

@@ -11,7 +11,7 @@ the champion's run) with a decode loop:
 
 Per recipe: decode tokens/s at batch 1 (tokens after the first over the time after the first),
 time to first token, ratio to the baseline, draft acceptance, weight bytes, effective bandwidth
-(weight bytes x decode tokens/s) and its share of the machine's copy bandwidth measured in the
+(weight bytes x decode tokens/s) and its share of the machine's read bandwidth measured in the
 same run, aggregate tokens/s of 8 streams decoded together, compile warm-up, and whether the
 greedy tokens equal the baseline's.
 """
@@ -168,7 +168,7 @@ def bench_candidates(weights: dict[str, Path], draft_dir: Path | None, prompts: 
                   AutoModelForCausalLM.from_pretrained(draft_dir, use_safetensors=True).eval() if draft_dir else None,
                   max_new_tokens, streams, num_draft_tokens)
     bandwidth = memory_bandwidth("cpu")
-    echo(f"memory bandwidth (copy, read + write): {bandwidth / 1e9:.1f} GB/s")
+    echo(f"memory read bandwidth (sum over 256 MiB): {bandwidth / 1e9:.1f} GB/s")
     recipes = []
     for method, model_dir in sorted(weights.items(), key=lambda kv: kv[0] != "none"):  # fp32 first: the baseline
         model = load_quantized(model_dir, torch.device("cpu")).eval()  # each weight format loaded once for all its loops
