@@ -245,6 +245,7 @@ class BatchRunner(StaticRunner):
 
     def __init__(self, model, batch: int, max_len: int, compile: bool = False):
         super().__init__(model, max_len, compile)
+        self._propose = None  # speculative decoding is batch-1: no draft runs in a batch
         self.batch = batch
         self.mask = torch.ones(batch, max_len, dtype=torch.long, device=self.device)  # [batch, max_len]
 
@@ -257,6 +258,10 @@ class BatchRunner(StaticRunner):
         """One new token per row, ids [batch, 1] at per-row positions [batch, 1], cache slot [1]
         (the same for every row: they are left-padded to one width); the greedy token after it [batch]."""
         return self.forward(ids, positions, slot)[:, -1].argmax(-1)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """`next_tokens` through the compiled step (see `next_tokens` for shapes)."""
+        return self.call(self._step, ids, positions, slot)
 
 
 @torch.inference_mode()
@@ -286,7 +291,7 @@ def greedy_decode_batch(runner: BatchRunner, prompts: list[list[int]], max_new_t
         if bool(ended.all()):
             break
         slot = torch.tensor([width + t - 1], device=device)
-        nxt = runner.call(runner._step, nxt[:, None], (lengths + t - 1)[:, None], slot)
+        nxt = runner.step(nxt[:, None], (lengths + t - 1)[:, None], slot)
         out.append(nxt)
         ended |= nxt == (eos if eos is not None else -1)
     seconds = time.perf_counter() - t0
