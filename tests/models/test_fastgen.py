@@ -1,12 +1,13 @@
 """smelt's static-cache decode loop returns exactly transformers' greedy tokens: plain, speculative
 (whatever the draft proposes), and compiled."""
 import copy
+import gc
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.fastgen import BatchRunner, StaticRunner, greedy_decode, greedy_decode_batch, speculative_decode
+from models.fastgen import BatchRunner, CompiledDecoder, StaticRunner, greedy_decode, greedy_decode_batch, speculative_decode
 
 PROMPTS = ["Return the value of the", "Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups.",
            "x", "The module provides"]
@@ -94,6 +95,18 @@ def test_compiled_paths_match_generate(target, tokenizer):
         want = reference(target, ids, None)
         assert greedy_decode(t, ids, MAX_NEW, None).token_ids == want
         assert speculative_decode(t, d, ids, MAX_NEW, None, k=4).token_ids == want
+
+
+def test_a_built_decoder_is_exempt_from_later_garbage_collections(target):
+    # A full collection walking everything compiling leaves behind took ~1 s inside one request in ~20;
+    # after building a runner the decoder collects once and freezes what is alive, so later
+    # collections never walk the runner, its model or its graphs.
+    gc.unfreeze()
+    fast = CompiledDecoder(target)
+    fast.decode([1, 2, 3], 2, None)
+    runner = next(iter(fast.runners.values()))
+    assert gc.get_freeze_count() > 0
+    assert not any(o is runner or o is runner.cache for o in gc.get_objects())  # only unfrozen objects are listed
 
 
 def test_a_prompt_too_long_for_the_cache_is_refused(target, tokenizer):
