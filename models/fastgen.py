@@ -305,10 +305,10 @@ def greedy_decode_batch(runner: BatchRunner, prompts: list[list[int]], max_new_t
 def settle_garbage_collector() -> None:
     """Collect once, then exempt every object alive now (models, compiled graphs) from later collections.
 
-    Compiling leaves millions of long-lived Python objects (dynamo/inductor state, GPTQModel's
-    modules), and a full collection that walks them all took 0.75-1.35 s: it landed inside one
-    request in ~20 (the pipeline's evaluation timed it as a 1.2 s request). Frozen objects are
-    never walked again; anything that dies later is collected as usual.
+    A process that has compiled holds so many long-lived Python objects (dynamo/inductor state,
+    the models' modules) that a full collection walking them took 0.75-1.35 s: it landed inside one
+    request in ~20 (the pipeline's evaluation timed it as a 1.2 s request; gone with gc disabled).
+    Frozen objects are never walked again; anything that dies later is collected as usual.
     """
     gc.collect()
     gc.freeze()
