@@ -20,16 +20,16 @@ def calibration_prompts(dataset: DatasetVersion, n: int) -> list[str]:
     return [r["prompt"] for r in dataset.rows("train")[:n]]
 
 
-def quantize_in_child(method: str, model_dir: Path, out_dir: Path, calibration: list[str], cfg: QuantConfig) -> None:
-    """`quantize_model` in a fresh (spawned) process; its errors are raised here.
+def quantizer_process() -> ProcessPoolExecutor:
+    """One spawned child process for a stage's quantizers (it starts on the first method that runs).
 
     GPTQModel leaves worker threads behind in the process that quantized (21 threads instead of 6),
     and they slowed every compiled decode after it in that process ~6x (the int8-dyn candidate:
     206 vs 1,313 tokens/s; 1,193 when GPTQ ran in a child). The evaluation stage runs in the flow's
-    process and must time candidates as they would serve, so no quantizer runs there.
+    process and must time candidates as they would serve, so no quantizer runs there. A quantizer's
+    errors are raised in the caller by `.result()`.
     """
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(quantize_model, method, model_dir, out_dir, calibration, cfg).result()
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
 
 
 def quantize_candidates(finetuned: Path, dataset: DatasetVersion, cfg: QuantConfig, home: Path, device: str = "auto") -> dict[str, Path]:
@@ -39,15 +39,16 @@ def quantize_candidates(finetuned: Path, dataset: DatasetVersion, cfg: QuantConf
         check_supported(method, dev)
     calibration = calibration_prompts(dataset, cfg.calibration_rows)
     out = {}
-    for method in cfg.methods:
-        key = digest("quant-v2", str(finetuned), method, method_settings(method, cfg), calibration)
-        target = home / "models" / f"quant-{method}-{key}"
-        if not target.exists():
-            with atomic_dir(target) as tmp:
-                quantize_in_child(method, finetuned / "merged", tmp, calibration, cfg)
-                # Stored with the model so the quantization can be reproduced exactly.
-                (tmp / "calibration.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in calibration))
-        out[method] = target
+    with quantizer_process() as child:
+        for method in cfg.methods:
+            key = digest("quant-v2", str(finetuned), method, method_settings(method, cfg), calibration)
+            target = home / "models" / f"quant-{method}-{key}"
+            if not target.exists():
+                with atomic_dir(target) as tmp:
+                    child.submit(quantize_model, method, finetuned / "merged", tmp, calibration, cfg).result()
+                    # Stored with the model so the quantization can be reproduced exactly.
+                    (tmp / "calibration.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in calibration))
+            out[method] = target
     return out
 
 
