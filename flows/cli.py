@@ -164,14 +164,16 @@ def models_list(
 
 
 def versions_table(name: str, rows: list[dict]) -> Table:
+    from tasks.results import EvalReport
+
+    listed = {k: m for k, m in EvalReport.metrics().items() if m.listed}  # numbers are tag strings; "None" when unmeasured
     table = Table(title=f"{name} ({len(rows)} versions)")
-    for col in ("version", "aliases", "exact match", "field acc", "tok/s", "quant", "decoding", "dataset", "config",
+    for col in ("version", "aliases", *(m.label for m in listed.values()), "quant", "decoding", "dataset", "config",
                 "commit", "created", "gate"):
         table.add_column(col, overflow="fold", no_wrap=col not in ("gate", "aliases"))
     for r in rows:
-        pct = lambda v: "-" if v in (None, "None") else f"{float(v):.1%}"  # noqa: E731
-        table.add_row(r["version"], ", ".join(r["aliases"]), pct(r["exact_match"]), pct(r["field_accuracy"]),
-                      "-" if r["tokens_per_s"] is None else f"{float(r['tokens_per_s']):.0f}", r["quant_method"] or "-",
+        numbers = [m.show(None if r[k] in (None, "None") else float(r[k])) for k, m in listed.items()]
+        table.add_row(r["version"], ", ".join(r["aliases"]), *numbers, r["quant_method"] or "-",
                       r["strategy"] or "-", r["dataset_version"] or "-", r["config_hash"] or "-", (r["git_commit"] or "-")[:8],
                       r["created"], (r["rolled_back"] and f"rolled back {r['rolled_back']}") or r["gate"] or "-")
     return table
@@ -229,9 +231,9 @@ def package(
 
     name = champion_name(client, name, cfg)
     result = package_champion(name, cfg.registry, home)
-    console.print(f"Bento [bold]{result['bento_tag']}[/bold] (model {result['model_tag']}).\n"
+    console.print(f"Bento [bold]{result.bento_tag}[/bold] (model {result.model_tag}).\n"
                   f"  Serve it:   uv run smelt serve {name}\n"
-                  f"  Container:  BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {result['bento_tag']}  (needs Docker)")
+                  f"  Container:  BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {result.bento_tag}  (needs Docker)")
 
 
 @app.command()
@@ -252,7 +254,7 @@ def serve(
     from tasks.package import package_champion
 
     name = champion_name(client, name, cfg)
-    tag = package_champion(name, cfg.registry, home)["bento_tag"]
+    tag = package_champion(name, cfg.registry, home).bento_tag
     console.print(f"Serving {tag} on http://{host}:{port} (OpenAI API at http://{host}:{port}/v1)")
     proc = subprocess.run([sys.executable, "-m", "bentoml", "serve", tag, "--host", host, "--port", str(port)])
     raise typer.Exit(proc.returncode)
@@ -488,45 +490,42 @@ def data_watch(
     watch(home, folder, interval, cfg.orchestration.quiet_seconds, source_uri=uri)
 
 
-# The terminal shows the numbers the selection turns on; the full table is in the report files.
-SUMMARY_COLUMNS = ("version", "quant", "decoding", "exact match", "field F1", "ppl", "tok/s", "TTFT ms", "8-stream tok/s",
-                   "draft accept", "weights MB", "chosen")
+def print_summary(result, seconds: float) -> None:
+    """`smelt run`'s ending: the candidates (the metrics EvalReport declares for the summary: the numbers
+    the selection turns on; the full table is in the report files), the selection, the gate, what next."""
+    from tasks.report import candidate_rows, decision_line, finetune_gain, gain_line
 
-
-def print_summary(result: dict, seconds: float) -> None:
-    from tasks.report import candidate_rows, finetune_gain, gain_line
-
-    reg = result["registry"]
-    rows = candidate_rows(result["reports"], reg, result.get("base"))
-    table = Table(title=f"Candidates (dataset {result['dataset']}, {result['counts']['train']} train / {result['counts']['eval']} eval rows)")
-    for col in SUMMARY_COLUMNS:
+    reg = result.registry
+    rows = candidate_rows(result.reports, reg, result.base, which="summary")
+    table = Table(title=f"Candidates (dataset {result.dataset}, {result.counts['train']} train / {result.counts['eval']} eval rows)")
+    columns = [c for c in rows[0] if c != "why"]
+    for col in columns:
         table.add_column(col)
     for row in rows:
-        table.add_row(*[("[green]yes[/green]" if row[c] == "yes" else str(row[c])) for c in SUMMARY_COLUMNS])
+        table.add_row(*[("[green]yes[/green]" if row[c] == "yes" else str(row[c])) for c in columns])
     console.print(table)
     for row in rows:
         console.print(f"  v{row['version']} {row['quant']}/{row['decoding']}: {row['why']}")
-    if gain := finetune_gain(result["reports"], result.get("base")):
+    if gain := finetune_gain(result.reports, result.base):
         console.print(f"Fine-tuning gain on the eval split (full precision, plain decoding, vs the base model): {gain_line(gain)}.")
-    policy = result["selection"]["policy"]
+    policy = result.selection.policy
     console.print(f"Selection: {policy['policy']} on {policy['metric']} (within {policy['max_accuracy_drop']:.1%} of full "
                   f"precision{', above the base model' if policy['require_above_base'] else ''}), ranked by {policy['speed_metric']}.")
-    if reg["challenger"] is None:
-        console.print(f"Registered model [bold]{reg['name']}[/bold]: {reg['gate_reason']}; champion is v{reg['champion']}.")
+    if reg.challenger is None:
+        console.print(f"Registered model [bold]{reg.name}[/bold]: {reg.gate_reason}; champion is v{reg.champion}.")
     else:
-        gate = "promoted to champion" if reg["promoted"] else "not promoted"
-        console.print(f"Registered model [bold]{reg['name']}[/bold]: challenger v{reg['challenger']} {gate} ({reg['gate_reason']}); "
-                      f"champion is v{reg['champion']}.")
-    console.print(f"Evaluation report (JSON, Markdown, pictures): {result['report_dir']} (also in the MLflow run, under evaluation/)")
-    console.print(f"MLflow run {result['mlflow_run_id']}; `smelt models list {reg['name']}` shows every version.")
+        console.print(f"Registered model [bold]{reg.name}[/bold]: {decision_line(reg)} ({reg.gate_reason}); "
+                      f"champion is v{reg.champion}.")
+    console.print(f"Evaluation report (JSON, Markdown, pictures): {result.report_dir} (also in the MLflow run, under evaluation/)")
+    console.print(f"MLflow run {result.mlflow_run_id}; `smelt models list {reg.name}` shows every version.")
     home = smelt_home()
     lines = [f"Finished in {seconds:.0f} s. Next:",
-             f"  Versions:    uv run smelt models list {reg['name']}",
+             f"  Versions:    uv run smelt models list {reg.name}",
              "  UIs:         uv run smelt up    (MLflow and Prefect servers on 127.0.0.1; `smelt down` stops them)"]
-    if result.get("bento"):
-        tag = result["bento"]["bento_tag"]
+    if result.bento:
+        tag = result.bento.bento_tag
         lines += [f"  Bento:       {tag}  (BENTOML_HOME={home / 'bentoml'})",
-                  f"  Serve it:    uv run smelt serve {reg['name']}   (OpenAI-compatible API on http://127.0.0.1:3000/v1)",
+                  f"  Serve it:    uv run smelt serve {reg.name}   (OpenAI-compatible API on http://127.0.0.1:3000/v1)",
                   f"  Container:   BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {tag}  (needs Docker)"]
     console.print("\n".join(lines))
 

@@ -14,6 +14,7 @@ from tasks.package import package_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task
 from tasks.report import log_dataset_task, report_data_task, report_results_task
+from tasks.results import PipelineResult
 from tasks.select import select_task
 from tasks.tracking import close_run_task, fail_flow_runs, open_run_task, open_stage_run_task, track_stages_task
 from tasks.train import finetune_task, prepare_models_task, train_draft_task
@@ -26,7 +27,7 @@ def mark_tracking_failed(flow, flow_run, state) -> None:
 
 @flow(name="smelt-pipeline", flow_run_name="{config.preset}", log_prints=True,
       on_failure=[mark_tracking_failed], on_crashed=[mark_tracking_failed])
-def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
+def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     home = str(smelt_home())
     dataset = ingest(config, home)
     report_data_task(config.preset, dataset)
@@ -43,12 +44,12 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     base_report = evaluate_task(build_reference_task(base, finetuned, config.decode, home), dataset, config.eval, home)
     selection = select_task(reports, base_report, config.select)
     registry = register_task(config, dataset, reports, selection, run, home)
-    ship = config.package.build_bento and registry["champion"] is not None
-    bento = package_task(registry["name"], registry["champion"], config.registry, home) if ship else None
+    ship = config.package.build_bento and registry.champion is not None
+    bento = package_task(registry.name, registry.champion, config.registry, home) if ship else None
     report_dir = report_results_task(config, reports, base_report, selection, registry, run, home)
     close_run_task(run, config, home, registry, bento)
-    return {"dataset": dataset.version, "counts": dataset.counts, "reports": reports, "base": base_report,
-            "selection": selection, "registry": registry, "bento": bento, "mlflow_run_id": run, "report_dir": report_dir}
+    return PipelineResult(dataset=dataset.version, counts=dataset.counts, reports=reports, base=base_report, selection=selection,
+                          registry=registry, bento=bento, mlflow_run_id=run, report_dir=report_dir)
 
 
 def shard_runner(cfg: EtlConfig):
@@ -105,7 +106,7 @@ def train(config: PipelineConfig = PipelineConfig()) -> dict:
 
 
 @flow(name="smelt-retrain", flow_run_name="{config.preset}-retrain", log_prints=True)
-def retrain(config: PipelineConfig = PipelineConfig(), data_digest: str | None = None) -> dict:
+def retrain(config: PipelineConfig = PipelineConfig(), data_digest: str | None = None) -> PipelineResult:
     """The pipeline on the configured data plus the watched folder; promotes only through the gate.
     `data_digest` records which state of the watched folder triggered the run."""
     return pipeline(with_watched_data(config, smelt_home()))

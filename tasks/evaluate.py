@@ -26,6 +26,7 @@ from tasks.caching import STAGE_CACHE
 from tasks.config import EvalConfig
 from tasks.etl import DatasetVersion
 from tasks.measure import PeakMemory, concurrent_throughput, memory_bandwidth
+from tasks.results import EvalReport
 
 
 def build_candidates(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: DecodeConfig, home: Path) -> list[Path]:
@@ -133,11 +134,11 @@ def eval_split_key(dataset: DatasetVersion, cfg: EvalConfig) -> str:
     return digest("eval-split", dataset.version, cfg)
 
 
-def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> dict:
+def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> EvalReport:
     """Accuracy and speed of one candidate; cached by candidate, dataset version and config."""
     cache = home / "evals" / f"{digest('eval-v4', candidate_dir.name, eval_split_key(dataset, cfg))}.json"
     if cache.exists():
-        return read_json(cache)
+        return EvalReport.model_validate(read_json(cache))
     rows = dataset.rows("eval")[: cfg.max_samples]
     device = resolve_device(cfg.device)
     with PeakMemory(device) as memory:
@@ -149,7 +150,7 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
         outputs = [cand.generate(c) for c in tqdm(contexts, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
         concurrent = concurrent_throughput(cand, [render_context(cand.tokenizer, c) for c in contexts],
                                            cand.recipe["max_new_tokens"], cfg.concurrent_streams)
-    report = {
+    measured = {
         "candidate": candidate_dir.name,
         "path": str(candidate_dir),
         "quant_method": cand.recipe["quant_method"],
@@ -165,10 +166,11 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
         **concurrent,
         "examples": [{"prompt": r["prompt"], "expected": r["completion"], "output": o.text} for r, o in zip(rows[:3], outputs[:3])],
     }
-    report.update(speed_of_memory(report, candidate_dir / "model", device))
-    report["lm_eval"] = benchmark_candidate(cand, rows, cfg, home / "lm-eval" / candidate_dir.name)
+    measured.update(speed_of_memory(measured, candidate_dir / "model", device))
+    measured["lm_eval"] = benchmark_candidate(cand, rows, cfg, home / "lm-eval" / candidate_dir.name)
+    report = EvalReport.model_validate(measured)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    write_json(cache, report)
+    write_json(cache, report.model_dump(mode="json"))
     return report
 
 
@@ -216,5 +218,5 @@ def build_reference_task(base: str, finetuned: Path, cfg: DecodeConfig, home: st
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, task_run_name="evaluate-{candidate_dir.name}")
-def evaluate_task(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: str) -> dict:
+def evaluate_task(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: str) -> EvalReport:
     return evaluate_candidate(candidate_dir, dataset, cfg, Path(home))

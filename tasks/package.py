@@ -22,6 +22,7 @@ from models.artifacts import read_json
 from tasks.caching import STAGE_CACHE, code_digest
 from tasks.config import REPO_ROOT, RegistryConfig
 from tasks.register import download_candidate
+from tasks.results import BentoRef
 from tasks.tracking import use_tracking
 
 BENTO_SOURCES = ("serving", "models")
@@ -95,10 +96,10 @@ def build_bento(model_tag: str) -> str:
     return tag
 
 
-def package_champion(registered: str, registry: RegistryConfig, home: Path) -> dict:
+def package_champion(registered: str, registry: RegistryConfig, home: Path) -> BentoRef:
     """Import the champion (once per MLflow version) and return its Bento, building it only if none exists."""
     model_tag = import_champion(registered, use_tracking(registry, home))
-    return {"model_tag": model_tag, "bento_tag": find_bento(model_tag) or build_bento(model_tag)}
+    return BentoRef(model_tag=model_tag, bento_tag=find_bento(model_tag) or build_bento(model_tag))
 
 
 def find_bento(model_tag: str) -> str | None:
@@ -113,6 +114,6 @@ def find_bento(model_tag: str) -> str | None:
 
 
 @task(name="package", retries=2, retry_delay_seconds=[5, 30], cache_policy=STAGE_CACHE, persist_result=True)
-def package_task(registered: str, champion_version: str | None, registry: RegistryConfig, home: str) -> dict:
+def package_task(registered: str, champion_version: str | None, registry: RegistryConfig, home: str) -> BentoRef:
     # champion_version is part of the cache key: a new champion means a new Bento.
     return package_champion(registered, registry, Path(home))

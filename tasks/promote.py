@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from models.artifacts import digest
 from tasks.config import RegistryConfig
+from tasks.results import EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +257,13 @@ def current_champion(client: MlflowClient, name: str):
         return None
 
 
-LIST_TAGS = {"exact_match": "smelt.exact_match", "field_accuracy": "smelt.field_accuracy", "tokens_per_s": "smelt.tokens_per_s",
-             "quant_method": "smelt.quant_method", "strategy": "smelt.strategy", "draft_acceptance": "smelt.draft_acceptance",
-             "dataset_version": "smelt.dataset_version", "config_hash": "smelt.config_hash", "git_commit": "smelt.git_commit",
-             "base_model": "smelt.base_model", "gate": "smelt.gate", "rolled_back": "smelt.rolled_back"}
+# What a version is and where it came from; its numbers are the metrics EvalReport declares `listed`.
+LINEAGE_TAGS = ("quant_method", "strategy", "dataset_version", "config_hash", "git_commit", "base_model", "gate", "rolled_back")
+
+
+def listed_tags() -> list[str]:
+    """Keys of the smelt.<key> version tags `smelt models list` shows: listed metrics, then lineage."""
+    return [k for k, m in EvalReport.metrics().items() if m.listed] + list(LINEAGE_TAGS)
 
 
 def list_versions(client: MlflowClient, name: str) -> list[dict]:
@@ -270,4 +274,4 @@ def list_versions(client: MlflowClient, name: str) -> list[dict]:
         by_version.setdefault(v, []).append(alias)
     return [{"version": str(v.version), "aliases": sorted(by_version.get(str(v.version), [])),
              "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)),
-             "run_id": v.run_id, **{k: v.tags.get(tag) for k, tag in LIST_TAGS.items()}} for v in versions]
+             "run_id": v.run_id, **{k: v.tags.get(f"smelt.{k}") for k in listed_tags()}} for v in versions]

@@ -21,26 +21,24 @@ from tasks.config import REPO_ROOT, PipelineConfig
 from tasks.etl import DatasetVersion
 from tasks.evaluate import eval_split_key, evaluate_candidate
 from tasks.promote import current_champion, promote, version_metrics
+from tasks.results import EvalReport, RegistryResult, Selection
 from tasks.tracking import lineage_tags, start_child_run, use_tracking
 
 # Serving a candidate needs exactly these; pinned to what produced it.
 SERVING_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "pandas", "mlflow"]
 PYFUNC_SOURCE = Path(__file__).with_name("pyfunc_model.py")
-REPORT_METRICS = ("exact_match", "field_accuracy", "field_f1", "perplexity", "tokens_per_s", "decode_tokens_per_s", "ttft_s",
-                  "concurrent_tokens_per_s", "draft_acceptance", "latency_p50_s", "latency_p95_s", "size_bytes",
-                  "weight_bytes", "peak_memory_bytes", "load_s", "effective_bandwidth_gbs", "bandwidth_share")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
     params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
 )
 
 
-def version_tags(report: dict, lineage: dict) -> dict[str, str]:
-    """Tags that make a model version self-describing: lineage, what it is, and the gate's numbers."""
-    tags = {**lineage, "smelt.candidate": report["candidate"], "smelt.quant_method": report["quant_method"],
-            "smelt.strategy": report["strategy"], "smelt.eval_split": report["eval_split"],
-            "smelt.draft_artifact": report.get("draft_artifact") or "none"}
-    tags.update({f"smelt.{k}": str(report.get(k)) for k in REPORT_METRICS})
+def version_tags(report: EvalReport, lineage: dict) -> dict[str, str]:
+    """Tags that make a model version self-describing: lineage, what it is, and every tracked metric."""
+    tags = {**lineage, "smelt.candidate": report.candidate, "smelt.quant_method": report.quant_method,
+            "smelt.strategy": report.strategy, "smelt.eval_split": report.eval_split,
+            "smelt.draft_artifact": report.draft_artifact or "none"}
+    tags.update({f"smelt.{k}": str(getattr(report, k)) for k, m in EvalReport.metrics().items() if m.tracked})
     return tags
 
 
@@ -54,15 +52,15 @@ def find_version(client: MlflowClient, name: str, candidate: str, dataset: str) 
     return str(hits[0].version) if hits else None
 
 
-def log_pyfunc(report: dict, name: str, tmp: Path) -> str:
+def log_pyfunc(report: EvalReport, name: str, tmp: Path) -> str:
     """Log the candidate as a pyfunc model version in the active run; return the version number."""
     report_file = tmp / "eval_report.json"
-    write_json(report_file, report)
-    example = pd.DataFrame({"prompt": [report["examples"][0]["prompt"]]})
+    write_json(report_file, report.model_dump(mode="json"))
+    example = pd.DataFrame({"prompt": [report.examples[0]["prompt"]]})
     info = mlflow.pyfunc.log_model(
         name="candidate",
         python_model=str(PYFUNC_SOURCE),
-        artifacts={"candidate": report["path"], "eval_report": str(report_file)},
+        artifacts={"candidate": report.path, "eval_report": str(report_file)},
         code_paths=[str(REPO_ROOT / "models")],
         pip_requirements=[f"{p}=={pkg_version(p)}" for p in SERVING_PACKAGES],
         signature=SIGNATURE,
@@ -73,14 +71,14 @@ def log_pyfunc(report: dict, name: str, tmp: Path) -> str:
     return str(info.registered_model_version)
 
 
-def register_candidate(client: MlflowClient, name: str, report: dict, parent_id: str, lineage: dict) -> str:
+def register_candidate(client: MlflowClient, name: str, report: EvalReport, parent_id: str, lineage: dict) -> str:
     """A nested run per candidate (metrics + eval report); a new model version unless one exists."""
-    existing = find_version(client, name, report["candidate"], lineage["smelt.dataset_version"])
-    run_id = start_child_run(client, parent_id, report["candidate"], {"smelt.quant_method": report["quant_method"],
-                                                                      "smelt.strategy": report["strategy"]})
+    existing = find_version(client, name, report.candidate, lineage["smelt.dataset_version"])
+    run_id = start_child_run(client, parent_id, report.candidate, {"smelt.quant_method": report.quant_method,
+                                                                   "smelt.strategy": report.strategy})
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="smelt-register-") as tmp:
-        mlflow.log_metrics({k: float(report[k]) for k in REPORT_METRICS if report.get(k) is not None})
-        mlflow.log_dict(report, "eval_report.json")
+        mlflow.log_metrics(report.tracked_numbers())
+        mlflow.log_dict(report.model_dump(mode="json"), "eval_report.json")
         version = existing or log_pyfunc(report, name, Path(tmp))
         mlflow.set_tag("smelt.model_version", version)
     for k, v in version_tags(report, lineage).items():
@@ -109,34 +107,35 @@ def champion_on_split(client: MlflowClient, name: str, dataset: DatasetVersion, 
         cand = local if (local / "recipe.json").exists() else download_candidate(name, champ.version, Path(tmp))
         report = evaluate_candidate(cand, dataset, cfg.eval, home)
     metric = cfg.registry.gate_metric
-    return {metric: report[metric], "tokens_per_s": report["tokens_per_s"], "eval_split": split,
+    return {metric: getattr(report, metric), "tokens_per_s": report.tokens_per_s, "eval_split": split,
             "reevaluated_version": str(champ.version)}
 
 
-def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], selection: dict, run_id: str,
-                        home: Path) -> dict:
+def register_candidates(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[EvalReport], selection: Selection,
+                        run_id: str, home: Path) -> RegistryResult:
     """Register every candidate, make the selected one `challenger`, and promote it to `champion`
     if the gate passes. With no candidate selected nothing moves."""
     client, name = use_tracking(cfg.registry, home), cfg.registered_name
     lineage = lineage_tags(cfg, dataset)
     mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)  # logged models follow it
     versions = [register_candidate(client, name, r, run_id, lineage) for r in reports]
-    for version, why in zip(versions, selection["reasons"]):
+    for version, why in zip(versions, selection.reasons):
         client.set_model_version_tag(name, version, "smelt.selection", why[:5000])
-    out = {"name": name, "versions": versions, "chosen": selection["chosen"], "reasons": selection["reasons"]}
-    if selection["chosen"] is None:
+    out = {"name": name, "versions": versions, "chosen": selection.chosen, "reasons": selection.reasons}
+    if selection.chosen is None:
         champ = current_champion(client, name)
-        return {**out, "challenger": None, "promoted": False, "gate_numbers": None,
-                "gate_reason": "no candidate passed the selection policy; the champion is unchanged",
-                "champion": str(champ.version) if champ is not None else None}
-    chosen = versions[selection["chosen"]]
+        return RegistryResult(**out, challenger=None, promoted=False, gate_numbers=None,
+                              gate_reason="no candidate passed the selection policy; the champion is unchanged",
+                              champion=str(champ.version) if champ is not None else None)
+    chosen = versions[selection.chosen]
     client.set_registered_model_alias(name, "challenger", chosen)
     result = promote(client, name, chosen, cfg.registry, home, champion_metrics=champion_on_split(client, name, dataset, cfg, home))
-    return {**out, "challenger": chosen, "promoted": result.promoted, "gate_reason": result.reason,
-            "gate_numbers": result.numbers, "champion": result.champion}
+    return RegistryResult(**out, challenger=chosen, promoted=result.promoted, gate_reason=result.reason,
+                          gate_numbers=result.numbers, champion=result.champion)
 
 
 @task(name="register", retries=2, retry_delay_seconds=[5, 30], cache_policy=STAGE_CACHE, persist_result=True)
-def register_task(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[dict], selection: dict, run_id: str, home: str) -> dict:
+def register_task(cfg: PipelineConfig, dataset: DatasetVersion, reports: list[EvalReport], selection: Selection, run_id: str,
+                  home: str) -> RegistryResult:
     # run_id is in the cache key, so each pipeline run registers (reusing versions) under its own run.
     return register_candidates(cfg, dataset, reports, selection, run_id, Path(home))

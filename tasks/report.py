@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from models.artifacts import atomic_dir, write_json
 from tasks.config import PipelineConfig
 from tasks.etl import DatasetVersion
+from tasks.results import EvalReport, RegistryResult, Selection
 from tasks.tracking import ensure_experiment, log_dataset_input, use_tracking
 
 
@@ -83,35 +84,17 @@ def log_dataset(cfg: PipelineConfig, run_id: str | None, dataset: DatasetVersion
     return run_id
 
 
-TABLE_COLUMNS = [  # (key, header, format): one table for the terminal, Markdown, Prefect and MLflow
-    ("quant_method", "quant", "{}"), ("strategy", "decoding", "{}"), ("exact_match", "exact match", "{:.1%}"),
-    ("field_f1", "field F1", "{:.1%}"), ("perplexity", "ppl", "{:.2f}"), ("tokens_per_s", "tok/s", "{:.0f}"),
-    ("decode_tokens_per_s", "decode tok/s", "{:.0f}"), ("ttft_s", "TTFT ms", "ms"), ("latency_p50_s", "p50 s", "{:.3f}"),
-    ("latency_p95_s", "p95 s", "{:.3f}"), ("concurrent_tokens_per_s", "8-stream tok/s", "{:.0f}"),
-    ("draft_acceptance", "draft accept", "{:.0%}"), ("weight_bytes", "weights MB", "MB"),
-    ("bandwidth_share", "BW share", "{:.1%}"), ("peak_memory_bytes", "peak mem MB", "MB"),
-]
-
-
-def cell(value, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if fmt == "ms":
-        return f"{value * 1000:.1f}"
-    if fmt == "MB":
-        return f"{value / 1e6:.2f}"
-    return fmt.format(value)
-
-
-def candidate_rows(reports: list[dict], registry: dict, base: dict | None = None) -> list[dict]:
-    """One formatted row per candidate (and the base model as a reference row), with the selection's reason."""
+def candidate_rows(reports: list[EvalReport], registry: RegistryResult, base: EvalReport | None = None,
+                   which: str = "table") -> list[dict]:
+    """One formatted row per candidate (and the base model as a reference row), with the selection's
+    reason; the columns are the metrics declared with `which` ('table' or 'summary') in EvalReport."""
     rows = []
     for i, r in enumerate(reports):
-        row = {"version": registry["versions"][i], **{h: cell(r.get(k), f) for k, h, f in TABLE_COLUMNS}}
-        rows.append({**row, "chosen": "yes" if i == registry["chosen"] else "no", "why": registry["reasons"][i]})
+        row = {"version": registry.versions[i], "quant": r.quant_method, "decoding": r.strategy, **r.cells(which)}
+        rows.append({**row, "chosen": "yes" if i == registry.chosen else "no", "why": registry.reasons[i]})
     if base is not None:
-        rows.append({"version": "base", **{h: cell(base.get(k), f) for k, h, f in TABLE_COLUMNS}, "chosen": "-",
-                     "why": "reference: the base model before fine-tuning"})
+        rows.append({"version": "base", "quant": base.quant_method, "decoding": base.strategy, **base.cells(which),
+                     "chosen": "-", "why": "reference: the base model before fine-tuning"})
     return rows
 
 
@@ -122,50 +105,49 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def evaluation_markdown(reports: list[dict], base: dict | None, selection: dict, registry: dict) -> str:
-    policy = selection["policy"]
-    lm_eval = {r["candidate"]: r["lm_eval"] for r in reports if r.get("lm_eval")}
+def evaluation_markdown(reports: list[EvalReport], base: EvalReport | None, selection: Selection, registry: RegistryResult) -> str:
+    policy = selection.policy
+    lm_eval = {r.candidate: r.lm_eval for r in reports if r.lm_eval}
     parts = [
-        f"# Candidates of {registry['name']}",
+        f"# Candidates of {registry.name}",
         "",
         f"Policy **{policy['policy']}** on **{policy['metric']}**, ranked by **{policy['speed_metric']}**: accepted within "
-        f"{policy['max_accuracy_drop']:.1%} of the full-precision fine-tuned model ({selection['reference_accuracy']:.1%})"
-        + (f" and above the base model ({selection['base_accuracy']:.1%})." if policy["require_above_base"] and base else "."),
+        f"{policy['max_accuracy_drop']:.1%} of the full-precision fine-tuned model ({selection.reference_accuracy:.1%})"
+        + (f" and above the base model ({selection.base_accuracy:.1%})." if policy["require_above_base"] and base else "."),
         "",
         markdown_table(candidate_rows(reports, registry, base)),
         "",
         *([f"Fine-tuning gain on the eval split (full precision, plain decoding, vs the base model): "
            f"{gain_line(finetune_gain(reports, base))}.", ""] if finetune_gain(reports, base) else []),
-        f"Machine memory bandwidth measured in this run: {reports[0].get('machine_bandwidth_gbs', 0):.1f} GB/s "
+        f"Machine memory bandwidth measured in this run: {reports[0].machine_bandwidth_gbs or 0:.1f} GB/s "
         "(read: a sum over 256 MiB). BW share = weight bytes x decode tokens/s over it.",
     ]
     if lm_eval:
         parts += ["", "## lm-evaluation-harness", "", "```json", json.dumps(lm_eval, indent=2, default=str), "```"]
-    verdict = "promoted to champion" if registry["promoted"] else "not promoted"
-    parts += ["", f"## Decision: challenger v{registry['challenger']} {verdict}", "", registry["gate_reason"]]
+    parts += ["", f"## Decision: {decision_line(registry)}", "", registry.gate_reason]
     return "\n".join(parts)
 
 
-def plot_accuracy_vs_speed(reports: list[dict], base: dict | None, selection: dict, path: Path) -> None:
+def plot_accuracy_vs_speed(reports: list[EvalReport], base: EvalReport | None, selection: Selection, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers
     import matplotlib.pyplot as plt
 
-    metric, speed = selection["policy"]["metric"], selection["policy"]["speed_metric"]
+    metric, speed = selection.policy["metric"], selection.policy["speed_metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, r in enumerate(reports):
-        style = {"marker": "*", "s": 220, "color": "tab:green"} if i == selection["chosen"] else \
-            {"marker": "o", "s": 50, "color": "tab:blue" if i in selection["accepted"] else "tab:gray"}
-        ax.scatter(r.get(speed) or 0, r[metric], **style)
-        ax.annotate(f"{r['quant_method']}/{r['strategy']}", (r.get(speed) or 0, r[metric]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+        style = {"marker": "*", "s": 220, "color": "tab:green"} if i == selection.chosen else \
+            {"marker": "o", "s": 50, "color": "tab:blue" if i in selection.accepted else "tab:gray"}
+        point = (getattr(r, speed) or 0, getattr(r, metric))
+        ax.scatter(*point, **style)
+        ax.annotate(r.recipe, point, fontsize=7, xytext=(4, 4), textcoords="offset points")
     if base is not None:
-        ax.axhline(base[metric], color="tab:red", linestyle="--", linewidth=1, label="base model")
-    ax.axhline(selection["reference_accuracy"] - selection["policy"]["max_accuracy_drop"], color="tab:orange",
+        ax.axhline(getattr(base, metric), color="tab:red", linestyle="--", linewidth=1, label="base model")
+    ax.axhline(selection.reference_accuracy - selection.policy["max_accuracy_drop"], color="tab:orange",
                linestyle=":", linewidth=1, label="accuracy floor")
-    ax.set_xlabel(speed)
-    ax.set_ylabel(metric)
+    ax.set_xlabel(EvalReport.metric(speed).label)
+    ax.set_ylabel(EvalReport.metric(metric).label)
     ax.set_title("Candidates: accuracy vs speed (star: chosen, gray: rejected)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -173,16 +155,16 @@ def plot_accuracy_vs_speed(reports: list[dict], base: dict | None, selection: di
     plt.close(fig)
 
 
-def plot_latency(reports: list[dict], base: dict | None, path: Path) -> None:
+def plot_latency(reports: list[EvalReport], base: EvalReport | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = reports + ([base] if base else [])
-    labels = [f"{r['quant_method']}/{r['strategy']}" for r in reports] + (["base model (reference)"] if base else [])
+    labels = [r.recipe for r in reports] + (["base model (reference)"] if base else [])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(shown) + 1.5))
-    ax.boxplot([r["latencies_s"] for r in shown], vert=False, showfliers=True)
+    ax.boxplot([r.latencies_s for r in shown], vert=False, showfliers=True)
     ax.set_yticks(range(1, len(shown) + 1), labels, fontsize=8)
     ax.set_xlabel("request latency, s (batch 1, eval prompts)")
     ax.set_title("Latency distribution per candidate")
@@ -191,10 +173,14 @@ def plot_latency(reports: list[dict], base: dict | None, path: Path) -> None:
     plt.close(fig)
 
 
-def write_evaluation_report(reports: list[dict], base: dict | None, selection: dict, registry: dict, out: Path) -> Path:
+def write_evaluation_report(reports: list[EvalReport], base: EvalReport | None, selection: Selection, registry: RegistryResult,
+                            out: Path) -> Path:
     """evaluation.json, evaluation.md and the two pictures, written together (atomically)."""
     with atomic_dir(out) as tmp:
-        write_json(tmp / "evaluation.json", {"candidates": reports, "base": base, "selection": selection, "registry": registry,
+        write_json(tmp / "evaluation.json", {"candidates": [r.model_dump(mode="json") for r in reports],
+                                             "base": base.model_dump(mode="json") if base else None,
+                                             "selection": selection.model_dump(mode="json"),
+                                             "registry": registry.model_dump(mode="json"),
                                              "finetune_gain": finetune_gain(reports, base)})
         (tmp / "evaluation.md").write_text(evaluation_markdown(reports, base, selection, registry))
         plot_accuracy_vs_speed(reports, base, selection, tmp / "accuracy_vs_speed.png")
@@ -202,10 +188,14 @@ def write_evaluation_report(reports: list[dict], base: dict | None, selection: d
     return out
 
 
-def decision_report(registry: dict) -> str:
-    verdict = "promoted to champion" if registry["promoted"] else "not promoted"
-    return (f"# {registry['name']}: challenger v{registry['challenger']} {verdict}\n\n{registry['gate_reason']}\n\n"
-            f"Champion: v{registry['champion']}. Numbers compared: `{registry.get('gate_numbers')}`")
+def decision_line(registry: RegistryResult) -> str:
+    """e.g. 'challenger v3 promoted to champion'."""
+    return f"challenger v{registry.challenger} {'promoted to champion' if registry.promoted else 'not promoted'}"
+
+
+def decision_report(registry: RegistryResult) -> str:
+    return (f"# {registry.name}: {decision_line(registry)}\n\n{registry.gate_reason}\n\n"
+            f"Champion: v{registry.champion}. Numbers compared: `{registry.gate_numbers}`")
 
 
 @task(name="report-data", cache_policy=NO_CACHE)
@@ -222,28 +212,28 @@ def log_dataset_task(cfg: PipelineConfig, run_id: str | None, dataset: DatasetVe
 GAIN_METRICS = ("exact_match", "field_f1", "field_accuracy")
 
 
-def finetune_gain(reports: list[dict], base: dict | None) -> dict:
+def finetune_gain(reports: list[EvalReport], base: EvalReport | None) -> dict:
     """What fine-tuning bought on the eval split: the full-precision fine-tuned model decoding plainly
     (quantization and decoding held out) against the base model, prompted the same way."""
-    tuned = next((r for r in reports if r["quant_method"] == "none" and r["strategy"] == "plain"), None)
+    tuned = next((r for r in reports if r.quant_method == "none" and r.strategy == "plain"), None)
     if tuned is None or base is None:
         return {}
     out = {}
     for m in GAIN_METRICS:
-        if tuned.get(m) is not None and base.get(m) is not None:
-            out |= {f"base_{m}": base[m], f"finetuned_{m}": tuned[m], f"finetune_gain_{m}": tuned[m] - base[m]}
+        was, now = getattr(base, m), getattr(tuned, m)
+        out |= {f"base_{m}": was, f"finetuned_{m}": now, f"finetune_gain_{m}": now - was}
     return out
 
 
 def gain_line(gain: dict) -> str:
     """e.g. 'exact match 0.0% -> 41.7% (+41.7 points), field F1 ...' for the summary."""
-    parts = [f"{m.replace('_', ' ').replace('f1', 'F1')} {gain[f'base_{m}']:.1%} -> {gain[f'finetuned_{m}']:.1%} "
+    parts = [f"{EvalReport.metric(m).label} {gain[f'base_{m}']:.1%} -> {gain[f'finetuned_{m}']:.1%} "
              f"({100 * gain[f'finetune_gain_{m}']:+.1f} points)" for m in GAIN_METRICS[:2] if f"base_{m}" in gain]
     return ", ".join(parts)
 
 
-def report_results(cfg: PipelineConfig, reports: list[dict], base: dict | None, selection: dict, registry: dict,
-                   run_id: str, home: Path) -> Path:
+def report_results(cfg: PipelineConfig, reports: list[EvalReport], base: EvalReport | None, selection: Selection,
+                   registry: RegistryResult, run_id: str, home: Path) -> Path:
     """The evaluation report in SMELT_HOME, in the MLflow run (artifacts under evaluation/, the
     fine-tuning gain as metrics) and in Prefect."""
     out = write_evaluation_report(reports, base, selection, registry, home / "reports" / run_id)
@@ -259,6 +249,6 @@ def report_results(cfg: PipelineConfig, reports: list[dict], base: dict | None, 
 
 
 @task(name="report-results", cache_policy=NO_CACHE)
-def report_results_task(cfg: PipelineConfig, reports: list[dict], base: dict | None, selection: dict, registry: dict,
-                        run_id: str, home: str) -> str:
+def report_results_task(cfg: PipelineConfig, reports: list[EvalReport], base: EvalReport | None, selection: Selection,
+                        registry: RegistryResult, run_id: str, home: str) -> str:
     return str(report_results(cfg, reports, base, selection, registry, run_id, Path(home)))

@@ -9,59 +9,64 @@ from prefect import task
 from prefect.cache_policies import INPUTS
 
 from tasks.config import SelectConfig
+from tasks.results import EvalReport, Selection
 
 
-def full_precision_reference(reports: list[dict]) -> dict:
-    plain = [r for r in reports if r["quant_method"] == "none" and r["strategy"] == "plain"]
-    anyway = [r for r in reports if r["quant_method"] == "none"]
+def full_precision_reference(reports: list[EvalReport]) -> EvalReport:
+    plain = [r for r in reports if r.quant_method == "none" and r.strategy == "plain"]
+    anyway = [r for r in reports if r.quant_method == "none"]
     if not (plain or anyway):
         raise ValueError("the selection policy compares every candidate with the full-precision fine-tuned model: "
                          "add 'none' to quant.methods")
     return (plain or anyway)[0]
 
 
-def rejections(report: dict, ref: dict, base: dict | None, cfg: SelectConfig) -> list[str]:
+def rejections(report: EvalReport, ref: EvalReport, base: EvalReport | None, cfg: SelectConfig) -> list[str]:
     """Why a candidate is not acceptable (empty: accepted)."""
-    m, value = cfg.metric, report[cfg.metric]
+    m = cfg.metric
+    value, ref_value = getattr(report, m), getattr(ref, m)
     why = []
-    floor = ref[m] - cfg.max_accuracy_drop
-    if value < floor - 1e-12:
+    if value < ref_value - cfg.max_accuracy_drop - 1e-12:
         why.append(f"{m} {value:.1%} is more than {cfg.max_accuracy_drop:.1%} below the full-precision fine-tuned "
-                   f"model's {ref[m]:.1%}")
-    if cfg.require_above_base and base is not None and value <= base[m]:
-        why.append(f"{m} {value:.1%} is not above the base model's {base[m]:.1%}")
+                   f"model's {ref_value:.1%}")
+    if cfg.require_above_base and base is not None and value <= getattr(base, m):
+        why.append(f"{m} {value:.1%} is not above the base model's {getattr(base, m):.1%}")
     return why
 
 
-def select_candidate(reports: list[dict], base: dict | None, cfg: SelectConfig) -> dict:
-    """{'chosen': index or None, 'reasons': one line per candidate, 'accepted': [indices], ...}."""
+def select_candidate(reports: list[EvalReport], base: EvalReport | None, cfg: SelectConfig) -> Selection:
+    """The chosen candidate's index (None: none accepted), the accepted ones, and a reason per candidate."""
     ref = full_precision_reference(reports)
     verdicts = [rejections(r, ref, base, cfg) for r in reports]
     accepted = [i for i, why in enumerate(verdicts) if not why]
     speed, metric = cfg.speed_metric, cfg.metric
 
+    def numbers(r: EvalReport) -> tuple[float, float]:
+        return getattr(r, speed) or 0.0, getattr(r, metric)
+
     def rank(i: int) -> tuple:
-        r = reports[i]
-        key = (r.get(speed) or 0.0, r[metric]) if cfg.policy == "fastest-within" else (r[metric], r.get(speed) or 0.0)
+        fast, accurate = numbers(reports[i])
+        key = (fast, accurate) if cfg.policy == "fastest-within" else (accurate, fast)
         return key + (-i,)  # ties: the earlier candidate (stable across reruns)
 
     chosen = max(accepted, key=rank) if accepted else None
     reasons = []
     for i, r in enumerate(reports):
-        numbers = f"{metric} {r[metric]:.1%}, {r.get(speed) or 0:.0f} {speed}"
+        fast, accurate = numbers(r)
+        said = f"{metric} {accurate:.1%}, {fast:.0f} {speed}"
         if i == chosen:
             what = "fastest" if cfg.policy == "fastest-within" else "most accurate"
-            reasons.append(f"chosen: {what} accepted candidate ({numbers})")
+            reasons.append(f"chosen: {what} accepted candidate ({said})")
         elif i in accepted:
-            reasons.append(f"accepted, not chosen: {numbers} vs the chosen {reports[chosen].get(speed) or 0:.0f} {speed}, "
-                           f"{reports[chosen][metric]:.1%}")
+            best_fast, best_accurate = numbers(reports[chosen])
+            reasons.append(f"accepted, not chosen: {said} vs the chosen {best_fast:.0f} {speed}, {best_accurate:.1%}")
         else:
             reasons.append("rejected: " + "; ".join(verdicts[i]))
-    return {"chosen": chosen, "accepted": accepted, "reasons": reasons, "policy": cfg.model_dump(),
-            "reference": ref["candidate"], "reference_accuracy": ref[metric],
-            "base": base["candidate"] if base else None, "base_accuracy": base[metric] if base else None}
+    return Selection(chosen=chosen, accepted=accepted, reasons=reasons, policy=cfg.model_dump(), reference=ref.candidate,
+                     reference_accuracy=getattr(ref, metric), base=base.candidate if base else None,
+                     base_accuracy=getattr(base, metric) if base else None)
 
 
 @task(name="select", cache_policy=INPUTS)
-def select_task(reports: list[dict], base: dict | None, cfg: SelectConfig) -> dict:
+def select_task(reports: list[EvalReport], base: EvalReport | None, cfg: SelectConfig) -> Selection:
     return select_candidate(reports, base, cfg)

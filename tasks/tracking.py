@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from models.artifacts import digest, dir_size_bytes, read_json
 from tasks.config import REPO_ROOT, PipelineConfig, RegistryConfig
 from tasks.etl import DatasetVersion
+from tasks.results import BentoRef, RegistryResult
 
 PARAM_MAX_CHARS = 6000  # MLflow's limit on a param value
 
@@ -188,14 +189,15 @@ def log_stages(run_id: str, cfg: PipelineConfig, home: Path, dataset: DatasetVer
         log_stage(client, run_id, f"quantize-{method}", {"size_bytes": dir_size_bytes(qdir)}, [qdir / "smelt_quant.json"], {"artifact": qdir.name})
 
 
-def finish_pipeline_run(run_id: str, cfg: PipelineConfig, home: Path, registry: dict | None, bento: dict | None) -> None:
+def finish_pipeline_run(run_id: str, cfg: PipelineConfig, home: Path, registry: RegistryResult | None,
+                        bento: BentoRef | None) -> None:
     """Tag the parent run with the registry outcome (none for a training-only run) and end it."""
     client = use_tracking(cfg.registry, home)
     tags = [] if registry is None else [
-        RunTag("smelt.challenger", str(registry["challenger"])), RunTag("smelt.promoted", str(registry["promoted"])),
-        RunTag("smelt.gate_reason", registry["gate_reason"][:5000]), RunTag("smelt.champion", str(registry["champion"]))]
+        RunTag("smelt.challenger", str(registry.challenger)), RunTag("smelt.promoted", str(registry.promoted)),
+        RunTag("smelt.gate_reason", registry.gate_reason[:5000]), RunTag("smelt.champion", str(registry.champion))]
     if bento:
-        tags.append(RunTag("smelt.bento", bento["bento_tag"]))
+        tags.append(RunTag("smelt.bento", bento.bento_tag))
     client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, "FINISHED")
 
@@ -231,5 +233,5 @@ def track_stages_task(run_id: str, cfg: PipelineConfig, home: str, dataset: Data
 
 
 @task(name="close-tracking-run", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
-def close_run_task(run_id: str, cfg: PipelineConfig, home: str, registry: dict | None, bento: dict | None) -> None:
+def close_run_task(run_id: str, cfg: PipelineConfig, home: str, registry: RegistryResult | None, bento: BentoRef | None) -> None:
     finish_pipeline_run(run_id, cfg, Path(home), registry, bento)

@@ -55,16 +55,16 @@ def test_perplexity_matches_the_models_own_loss(setup, tiny_model_dir):
 def test_evaluation_reports_accuracy_speed_memory_and_bandwidth(setup):
     home, dataset, cand = setup
     report = evaluate_candidate(cand, dataset, EvalConfig(max_samples=5, device="cpu", concurrent_streams=4), home)
-    assert report["samples"] == 5 and len(report["latencies_s"]) == 5
-    assert 0 <= report["exact_match"] <= report["field_accuracy"] <= 1 and 0 <= report["field_f1"] <= 1
-    assert report["perplexity"] > 1
-    assert 0 < report["ttft_s"] < report["latency_p50_s"] <= report["latency_p95_s"]
-    assert report["decode_tokens_per_s"] > 0 and report["concurrent_tokens_per_s"] > 0 and report["concurrent_streams"] == 4
-    assert report["weight_bytes"] == (cand / "model" / "model.safetensors").stat().st_size
-    assert report["bandwidth_share"] == pytest.approx(report["weight_bytes"] * report["decode_tokens_per_s"]
-                                                      / (report["machine_bandwidth_gbs"] * 1e9))
-    assert report["peak_memory_bytes"] >= 0 and report["load_s"] > 0
-    assert report["lm_eval"] is None  # none asked for
+    assert report.samples == 5 and len(report.latencies_s) == 5
+    assert 0 <= report.exact_match <= report.field_accuracy <= 1 and 0 <= report.field_f1 <= 1
+    assert report.perplexity > 1
+    assert 0 < report.ttft_s < report.latency_p50_s <= report.latency_p95_s
+    assert report.decode_tokens_per_s > 0 and report.concurrent_tokens_per_s > 0 and report.concurrent_streams == 4
+    assert report.weight_bytes == (cand / "model" / "model.safetensors").stat().st_size
+    assert report.bandwidth_share == pytest.approx(report.weight_bytes * report.decode_tokens_per_s
+                                                      / (report.machine_bandwidth_gbs * 1e9))
+    assert report.peak_memory_bytes >= 0 and report.load_s > 0
+    assert report.lm_eval is None  # none asked for
 
 
 def test_the_base_reference_is_the_base_weights_prompted_like_the_candidates(setup, tiny_model_dir, tmp_path):

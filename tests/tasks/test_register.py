@@ -1,20 +1,21 @@
 from tasks.config import RegistryConfig
 from tasks.register import version_tags
-
-
-def report(em, tps, fa=0.5):
-    return {"exact_match": em, "tokens_per_s": tps, "field_accuracy": fa}
+from tasks.results import EvalReport
 
 
 def test_version_tags_carry_lineage_identity_and_gate_numbers():
     lineage = {"smelt.dataset_version": "d1", "smelt.config_hash": "c1", "smelt.git_commit": "abc"}
-    r = {**report(0.5, 120.0), "candidate": "none-plain-x", "quant_method": "none", "strategy": "plain",
-         "eval_split": "s1", "draft_acceptance": None, "size_bytes": 10, "latency_p50_s": 0.1, "latency_p95_s": 0.2}
+    r = EvalReport(candidate="none-plain-x", quant_method="none", strategy="plain", eval_split="s1", exact_match=0.5,
+                   tokens_per_s=120.0, field_accuracy=0.5, draft_acceptance=None, size_bytes=10, latency_p50_s=0.1,
+                   latency_p95_s=0.2)
     tags = version_tags(r, lineage)
     assert tags["smelt.dataset_version"] == "d1" and tags["smelt.git_commit"] == "abc"
     assert tags["smelt.exact_match"] == "0.5" and tags["smelt.tokens_per_s"] == "120.0"
     assert tags["smelt.eval_split"] == "s1" and tags["smelt.draft_artifact"] == "none"
     assert all(isinstance(v, str) for v in tags.values())
+    # every metric EvalReport declares as tracked is a tag, unmeasured ones included (as "None")
+    assert {f"smelt.{k}" for k, m in EvalReport.metrics().items() if m.tracked} <= set(tags)
+    assert tags["smelt.draft_acceptance"] == "None"
 
 
 def test_a_champion_measured_on_another_eval_split_is_re_evaluated_on_this_one(tiny_model_dir, tmp_path):

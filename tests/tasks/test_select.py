@@ -1,12 +1,13 @@
 import pytest
 
 from tasks.config import SelectConfig
+from tasks.results import EvalReport
 from tasks.select import select_candidate
 
 
 def cand(name, quant, strategy, em, tps, f1=0.5):
-    return {"candidate": name, "quant_method": quant, "strategy": strategy, "exact_match": em, "field_f1": f1,
-            "tokens_per_s": tps, "decode_tokens_per_s": tps * 1.1, "concurrent_tokens_per_s": tps * 3}
+    return EvalReport(candidate=name, quant_method=quant, strategy=strategy, exact_match=em, field_f1=f1,
+                      tokens_per_s=tps, decode_tokens_per_s=tps * 1.1, concurrent_tokens_per_s=tps * 3)
 
 
 BASE = cand("base", "none", "plain", 0.10, 100)
@@ -20,39 +21,39 @@ REPORTS = [
 
 def test_default_policy_picks_the_fastest_within_one_point_of_full_precision():
     sel = select_candidate(REPORTS, BASE, SelectConfig())
-    assert sel["chosen"] == 1 and sel["accepted"] == [0, 1, 2]
-    assert sel["reasons"][1].startswith("chosen: fastest")
-    assert sel["reasons"][3] == ("rejected: exact_match 76.0% is more than 1.0% below the full-precision fine-tuned "
+    assert sel.chosen == 1 and sel.accepted == [0, 1, 2]
+    assert sel.reasons[1].startswith("chosen: fastest")
+    assert sel.reasons[3] == ("rejected: exact_match 76.0% is more than 1.0% below the full-precision fine-tuned "
                                  "model's 80.0%")
-    assert sel["reasons"][2].startswith("accepted, not chosen: exact_match 79.5%, 150 tokens_per_s vs the chosen 180")
-    assert sel["reference"] == "fp-plain" and sel["base"] == "base"
+    assert sel.reasons[2].startswith("accepted, not chosen: exact_match 79.5%, 150 tokens_per_s vs the chosen 180")
+    assert sel.reference == "fp-plain" and sel.base == "base"
 
 
 def test_a_wider_margin_lets_the_fast_quantized_candidate_win():
-    assert select_candidate(REPORTS, BASE, SelectConfig(max_accuracy_drop=0.05))["chosen"] == 3
+    assert select_candidate(REPORTS, BASE, SelectConfig(max_accuracy_drop=0.05)).chosen == 3
 
 
 def test_most_accurate_policy_and_other_speed_metrics():
-    assert select_candidate(REPORTS, BASE, SelectConfig(policy="most-accurate"))["chosen"] == 1  # tie on 80%: faster
+    assert select_candidate(REPORTS, BASE, SelectConfig(policy="most-accurate")).chosen == 1  # tie on 80%: faster
     sel = select_candidate(REPORTS, BASE, SelectConfig(speed_metric="concurrent_tokens_per_s", max_accuracy_drop=0.05))
-    assert sel["chosen"] == 3 and "concurrent_tokens_per_s" in sel["reasons"][3]
+    assert sel.chosen == 3 and "concurrent_tokens_per_s" in sel.reasons[3]
 
 
 def test_nothing_is_chosen_when_fine_tuning_did_not_beat_the_base():
     base = cand("base", "none", "plain", 0.85, 100)
     sel = select_candidate(REPORTS, base, SelectConfig())
-    assert sel["chosen"] is None and sel["accepted"] == []
-    assert all("not above the base model's 85.0%" in r for r in sel["reasons"])
+    assert sel.chosen is None and sel.accepted == []
+    assert all("not above the base model's 85.0%" in r for r in sel.reasons)
     # the check can be turned off
-    assert select_candidate(REPORTS, base, SelectConfig(require_above_base=False))["chosen"] == 1
+    assert select_candidate(REPORTS, base, SelectConfig(require_above_base=False)).chosen == 1
 
 
 def test_the_metric_is_configurable():
     reports = [cand("fp", "none", "plain", 0.0, 100, f1=0.6), cand("q", "gptq-int4", "plain", 0.0, 300, f1=0.2)]
     base = cand("base", "none", "plain", 0.0, 100, f1=0.0)
-    assert select_candidate(reports, base, SelectConfig())["chosen"] is None  # exact match 0% everywhere: nothing beats the base
+    assert select_candidate(reports, base, SelectConfig()).chosen is None  # exact match 0% everywhere: nothing beats the base
     sel = select_candidate(reports, base, SelectConfig(metric="field_f1"))
-    assert sel["chosen"] == 0 and sel["reasons"][1].startswith("rejected: field_f1 20.0% is more than")
+    assert sel.chosen == 0 and sel.reasons[1].startswith("rejected: field_f1 20.0% is more than")
 
 
 def test_selection_needs_the_full_precision_reference():
