@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.artifacts import atomic_dir, read_json, write_json
+from models.artifacts import Artifact, read_json, write_json
 from models.chat import render_context
 from models.config import DecodeConfig
 from models.decoding import Generation, SamplingParams, draft_agreement, finish, generate_batch, generate_text, strategy_kwargs
@@ -38,10 +38,12 @@ def link_tree(src: Path, dst: Path) -> None:
 
 
 def assemble_candidate(quant_dir: Path, draft_dir: Path | None, strategy: str, decode: DecodeConfig, out: Path) -> Path:
-    """Write a self-contained candidate directory (atomically) and return it."""
-    if out.exists():
+    """Write a self-contained candidate directory (atomically; reused when present) and return it.
+    `out` is named by the caller, e.g. with `models.artifacts.artifact`."""
+    art = Artifact(out)
+    if art.exists():
         return out
-    with atomic_dir(out) as tmp:
+    with art.build() as tmp:
         link_tree(quant_dir, tmp / "model")
         if strategy == "draft":
             if draft_dir is None:

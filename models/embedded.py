@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as tok_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.artifacts import atomic_dir, digest, write_json
+from models.artifacts import Artifact, artifact, digest, write_json
 from models.chat import EMBEDDED_CHAT_TEMPLATE
 from models.config import EmbeddedBuildConfig, TinyLlamaSpec
 from models.training import FitSpec, TokenBlocks, fit
@@ -102,10 +102,24 @@ def read_extra_texts(files: list[Path]) -> list[str]:
     return [line for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def embedded_key(cfg: EmbeddedBuildConfig, root: Path) -> str:
-    """Content address of an embedded build: its config and the extra tokenizer files' text."""
+# The tokenizer is trained by this module's code alone; its chat template is an input (its text),
+# so a change elsewhere in models/chat.py does not retrain it (nor, through its name, the base).
+TOKENIZER_CODE = ("models.embedded",)
+# The base is pretrained by this module and the training loop; nothing in serving/ or tasks/ decides
+# its weights, so editing those must not re-pretrain it (minutes).
+BASE_CODE = ("models.embedded", "models.training")
+DRAFT_INIT_CODE = ("models.embedded",)  # an untrained same-tokenizer Llama: new_llama alone
+
+
+def extra_texts_digest(cfg: EmbeddedBuildConfig, root: Path) -> str:
+    """The extra tokenizer files' text, which the tokenizer's vocabulary is trained on."""
     extra_files = [p if p.is_absolute() else root / p for p in map(Path, cfg.tokenizer_extra_files)]
-    return digest("embedded-v2", cfg, digest(read_extra_texts(extra_files)))
+    return digest(read_extra_texts(extra_files))
+
+
+def tokenizer_artifact(cfg: EmbeddedBuildConfig, home: Path, root: Path) -> Artifact:
+    return artifact(home / "models", "tokenizer", cfg, extra_texts_digest(cfg, root), EMBEDDED_CHAT_TEMPLATE,
+                    code=TOKENIZER_CODE)
 
 
 def pretraining_texts(cfg: EmbeddedBuildConfig) -> list[str]:
@@ -117,29 +131,17 @@ def pretraining_texts(cfg: EmbeddedBuildConfig) -> list[str]:
 def build_embedded_tokenizer(cfg: EmbeddedBuildConfig, home: Path, root: Path) -> Path:
     """Build (or reuse) the embedded BPE tokenizer alone: seconds, so ETL can count tokens before
     the base is pretrained. The base built later loads this very tokenizer."""
-    out = home / "models" / f"tokenizer-{embedded_key(cfg, root)}"
-    if out.exists():
-        return out
-    extra_files = [p if p.is_absolute() else root / p for p in map(Path, cfg.tokenizer_extra_files)]
-    texts = pretraining_texts(cfg)
-    # Task words enter the vocabulary: a real tokenizer's corpus covers the domain it will see.
-    tokenizer = train_tokenizer(texts + read_extra_texts(extra_files), cfg.vocab_size)
-    log.info("tokenizer: %d tokens from %d docstrings", len(tokenizer), len(texts))
-    with atomic_dir(out) as tmp:
+    def make(tmp: Path) -> None:
+        extra_files = [p if p.is_absolute() else root / p for p in map(Path, cfg.tokenizer_extra_files)]
+        texts = pretraining_texts(cfg)
+        # Task words enter the vocabulary: a real tokenizer's corpus covers the domain it will see.
+        tokenizer = train_tokenizer(texts + read_extra_texts(extra_files), cfg.vocab_size)
+        log.info("tokenizer: %d tokens from %d docstrings", len(tokenizer), len(texts))
         tokenizer.save_pretrained(tmp)
-    return out
+    return tokenizer_artifact(cfg, home, root).ensure(make)
 
 
-def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, root: Path) -> tuple[Path, Path]:
-    """Build (or reuse) the tokenizer + pretrained base and an untrained same-tokenizer draft.
-
-    Returns (base_dir, draft_init_dir), both content-addressed by `cfg` and the extra files' content.
-    """
-    key = embedded_key(cfg, root)
-    base_dir, draft_dir = home / "models" / f"base-{key}", home / "models" / f"draft-init-{key}"
-    if base_dir.exists() and draft_dir.exists():
-        return base_dir, draft_dir
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(build_embedded_tokenizer(cfg, home, root))
+def pretrain_base(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, device: torch.device, tmp: Path) -> None:
     texts = pretraining_texts(cfg)
     base = new_llama(cfg.base, tokenizer, cfg.seed)
     blocks = TokenBlocks.from_texts(texts, tokenizer, cfg.pretrain_seq_len, cfg.pretrain_copy_every, cfg.seed)
@@ -147,13 +149,28 @@ def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, r
                                       seed=cfg.seed, desc="pretrain base", log_every=max(1, cfg.pretrain_steps // 20)),
                 device=device)
     stats.pop("history")
-    with atomic_dir(base_dir) as tmp:
-        base.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "smelt_build.json", {"kind": "embedded-base", "config": cfg.model_dump(), **stats})
-    if not draft_dir.exists():
-        with atomic_dir(draft_dir) as tmp:
-            new_llama(cfg.draft, tokenizer, cfg.seed + 1).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(tmp / "smelt_build.json", {"kind": "embedded-draft-init", "config": cfg.model_dump()})
-    return base_dir, draft_dir
+    base.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "smelt_build.json", {"kind": "embedded-base", "config": cfg.model_dump(), **stats})
+
+
+def save_draft_init(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, tmp: Path) -> None:
+    new_llama(cfg.draft, tokenizer, cfg.seed + 1).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "smelt_build.json", {"kind": "embedded-draft-init", "config": cfg.model_dump()})
+
+
+def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, root: Path) -> tuple[Path, Path]:
+    """Build (or reuse) the tokenizer + pretrained base and an untrained same-tokenizer draft.
+
+    Returns (base_dir, draft_init_dir), each content-addressed by `cfg`, the tokenizer it carries
+    and the code that makes it.
+    """
+    tok_dir = build_embedded_tokenizer(cfg, home, root)
+    base = artifact(home / "models", "base", cfg, tok_dir.name, code=BASE_CODE)
+    draft = artifact(home / "models", "draft-init", cfg, tok_dir.name, code=DRAFT_INIT_CODE)
+    if base.exists() and draft.exists():
+        return base.path, draft.path
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    return (base.ensure(lambda tmp: pretrain_base(cfg, tokenizer, device, tmp)),
+            draft.ensure(lambda tmp: save_draft_init(cfg, tokenizer, tmp)))

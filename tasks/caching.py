@@ -6,25 +6,14 @@ a hash of both packages' sources makes a code change invalidate the cache, as in
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
+from models.artifacts import code_digest
+
 PACKAGES = ("models", "tasks", "serving")  # serving/ too: the package stage builds it into the Bento
-
-
-@functools.cache
-def code_digest(packages: tuple[str, ...] = PACKAGES, root: Path = Path(__file__).resolve().parent.parent) -> str:
-    h = hashlib.sha256()
-    for pkg in packages:
-        for path in sorted((root / pkg).rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -33,7 +22,7 @@ class PackageSource(CachePolicy):
 
     def compute_key(self, task_ctx: Any, inputs: Optional[dict[str, Any]], flow_parameters: Optional[dict[str, Any]],
                     **kwargs: Any) -> Optional[str]:
-        return code_digest()
+        return code_digest(PACKAGES)
 
 
 STAGE_CACHE = INPUTS + TASK_SOURCE + PackageSource()

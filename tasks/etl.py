@@ -2,8 +2,8 @@
 
 Three steps, each a plain function with a thin Prefect task:
 1. `plan_ingest`: expand the sources, hash them and cut large ones into shards; the version id
-   is a hash of the inputs (content and path), the ETL config and the tokenizer. A version that
-   already exists is returned at once.
+   is a hash of the inputs (content and path), the ETL config, the tokenizer and the ETL code. A version
+   that already exists is returned at once.
 2. `ingest_shard` (one mapped task per shard, so a Dask runner spreads them over a cluster):
    read, normalise, map each record to the canonical chat form, count tokens with the preset's
    chat template, and write valid rows to a Parquet part; bad rows go to quarantine with
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.artifacts import atomic_dir, digest, file_digest, read_json, write_json
+from models.artifacts import Artifact, artifact, digest, file_digest, read_json, write_json
 from models.config import ModelConfig
 from tasks.config import REPO_ROOT, EtlConfig
 from tasks.data.formats import DataError, EmptyFolder, Shard, SourcePlan, expand_source, plan_source, position_unit, read_records
@@ -54,6 +54,9 @@ ROW_SCHEMA = pa.schema([
 ])
 PART_SCHEMA = ROW_SCHEMA.append(pa.field("split", pa.string()))
 BATCH_ROWS = 2048
+# What decides a dataset version's rows: this module and the readers, shape mapping and quality
+# filters it runs (tasks/data/bench.py only times them).
+ETL_CODE = ("tasks.etl", "tasks.data.formats", "tasks.data.quality", "tasks.data.shapes")
 
 
 @dataclass
@@ -122,10 +125,10 @@ def plan_ingest(cfg: EtlConfig, tokenizer: str, chat_template: str | None, home:
     cache = home / "datasets" / ".plans"
     shard_bytes = max(1, int(cfg.shard_mb * (1 << 20)))
     sources = [plan_source(uri, fmt, shard_bytes, cache) for uri, fmt in inputs]
-    version = digest("etl-v2", cfg.version_fields(), tokenizer_identity(tokenizer), chat_template,
-                     [(s.uri, s.format, s.sha256) for s in sources])
-    out = home / "datasets" / version
-    return IngestPlan(version, out, home / "datasets" / f".work-{version}", sources, tokenizer, chat_template, out.exists())
+    # No name: the key alone names the folder, and is the dataset version carried in lineage tags.
+    out = artifact(home / "datasets", "", cfg.version_fields(), tokenizer_identity(tokenizer), chat_template,
+                   [(s.uri, s.format, s.sha256) for s in sources], code=ETL_CODE)
+    return IngestPlan(out.path.name, out.path, out.work, sources, tokenizer, chat_template, out.exists())
 
 
 # ---- 2. one shard ----------------------------------------------------------------------------
@@ -441,7 +444,7 @@ def merge_shards(plan: IngestPlan, results: list[dict], cfg: EtlConfig) -> Datas
         return load_version(plan.out)
     results = sorted(results, key=lambda r: r["index"])
     shapes = check_shapes(results)
-    with atomic_dir(plan.out) as tmp:
+    with Artifact(plan.out).build() as tmp:  # clears plan.work (the finished parts) once the version is in place
         removed = Removed(tmp / "removed.jsonl")
         try:
             drop = find_duplicates(plan, results, cfg, removed)
@@ -455,7 +458,6 @@ def merge_shards(plan: IngestPlan, results: list[dict], cfg: EtlConfig) -> Datas
         manifest = build_manifest(plan, cfg, results, shapes, counts, lengths, tmp / "quarantine.jsonl")
         write_json(tmp / "manifest.json", manifest)
         plot_lengths(lengths, cfg.max_tokens, tmp / "lengths.png")
-    shutil.rmtree(plan.work, ignore_errors=True)
     return DatasetVersion(plan.version, plan.out, counts)
 
 

@@ -15,7 +15,7 @@ from prefect import task
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.artifacts import atomic_dir, digest, dir_size_bytes, read_json, write_json
+from models.artifacts import artifact, digest, dir_size_bytes
 from models.candidate import assemble_candidate, load_candidate
 from models.chat import render_context, row_context, row_messages, tokenize_conversation
 from models.config import DecodeConfig
@@ -28,6 +28,17 @@ from tasks.etl import DatasetVersion
 from tasks.measure import PeakMemory, concurrent_throughput, memory_bandwidth
 from tasks.results import EvalReport
 
+# A candidate directory is hard links plus the recipe that assemble_candidate writes; quant_method reads
+# the quantized artifact's metadata.
+CANDIDATE_CODE = ("models.candidate", "models.quant")
+# The reference is the base saved through the "none" quantizer, by reference_model below.
+REFERENCE_CODE = ("tasks.evaluate", "models.quant")
+# What the numbers of a report depend on: this stage, the loading and decoding code a candidate runs
+# through (as served), the chat rendering of prompts, the timing helpers, the serving scheduler the
+# concurrent throughput is measured through, and the lm-eval adapter.
+EVAL_CODE = ("tasks.evaluate", "tasks.measure", "tasks.benchmarks", "models.candidate", "models.decoding",
+             "models.fastgen", "models.quant", "models.chat", "serving.engine", "serving.config")
+
 
 def build_candidates(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: DecodeConfig, home: Path) -> list[Path]:
     """Every quantization method x decoding strategy this run can make (draft only with a draft)."""
@@ -36,8 +47,9 @@ def build_candidates(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: D
         for strategy in cfg.strategies:
             if strategy == "draft" and draft_dir is None:
                 continue
-            key = digest("cand-v2", str(qdir), str(draft_dir) if strategy == "draft" else None, strategy, cfg)
-            out.append(assemble_candidate(qdir, draft_dir, strategy, cfg, home / "candidates" / f"{method}-{strategy}-{key}"))
+            cand = artifact(home / "candidates", f"{method}-{strategy}", str(qdir), str(draft_dir) if strategy == "draft" else None,
+                            strategy, cfg, code=CANDIDATE_CODE)
+            out.append(assemble_candidate(qdir, draft_dir, strategy, cfg, cand.path))
     return out
 
 
@@ -136,9 +148,12 @@ def eval_split_key(dataset: DatasetVersion, cfg: EvalConfig) -> str:
 
 def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> EvalReport:
     """Accuracy and speed of one candidate; cached by candidate, dataset version and config."""
-    cache = home / "evals" / f"{digest('eval-v4', candidate_dir.name, eval_split_key(dataset, cfg))}.json"
-    if cache.exists():
-        return EvalReport.model_validate(read_json(cache))
+    cache = artifact(home / "evals", "eval", candidate_dir.name, eval_split_key(dataset, cfg), code=EVAL_CODE, suffix=".json")
+    measured = cache.ensure_json(lambda: measure_candidate(candidate_dir, dataset, cfg, home).model_dump(mode="json"))
+    return EvalReport.model_validate(measured)
+
+
+def measure_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> EvalReport:
     rows = dataset.rows("eval")[: cfg.max_samples]
     device = resolve_device(cfg.device)
     with PeakMemory(device) as memory:
@@ -168,10 +183,7 @@ def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCo
     }
     measured.update(speed_of_memory(measured, candidate_dir / "model", device))
     measured["lm_eval"] = benchmark_candidate(cand, rows, cfg, home / "lm-eval" / candidate_dir.name)
-    report = EvalReport.model_validate(measured)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_json(cache, report.model_dump(mode="json"))
-    return report
+    return EvalReport.model_validate(measured)
 
 
 def benchmark_candidate(cand, rows: list[dict], cfg: EvalConfig, workdir: Path) -> dict | None:
@@ -188,23 +200,21 @@ def benchmark_candidate(cand, rows: list[dict], cfg: EvalConfig, workdir: Path) 
 def reference_model(base: str, finetuned: Path, home: Path) -> Path:
     """The base model before fine-tuning, as a full-precision artifact prompted exactly like the
     candidates (the fine-tuned tokenizer and chat template; the vocabulary is the same)."""
-    target = home / "models" / f"reference-base-{digest('ref-v1', base, str(finetuned))}"
-    if target.exists():
-        return target
-    with atomic_dir(target) as tmp:
+    def make(tmp: Path) -> None:
         source = tmp / "source"
         AutoModelForCausalLM.from_pretrained(base).save_pretrained(source)
         AutoTokenizer.from_pretrained(finetuned / "merged").save_pretrained(source)
         quantize_model("none", source, tmp / "done", [])
         shutil.rmtree(source)
-    return target
+    return artifact(home / "models", "reference-base", base, str(finetuned), code=REFERENCE_CODE).ensure(make)
 
 
 def build_reference(base: str, finetuned: Path, cfg: DecodeConfig, home: Path) -> Path:
     """A plain-decoding candidate of the base model: what fine-tuning must beat."""
     plain = cfg.model_copy(update={"strategies": ["plain"]})
     ref = reference_model(base, finetuned, home) / "done"
-    return assemble_candidate(ref, None, "plain", plain, home / "candidates" / f"base-plain-{digest('cand-v2', str(ref), plain)}")
+    cand = artifact(home / "candidates", "base-plain", str(ref), plain, code=CANDIDATE_CODE)
+    return assemble_candidate(ref, None, "plain", plain, cand.path)
 
 
 @task(name="build-candidates", cache_policy=STAGE_CACHE, persist_result=True)

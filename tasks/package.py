@@ -18,8 +18,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from models.artifacts import read_json
-from tasks.caching import STAGE_CACHE, code_digest
+from models.artifacts import code_digest, read_json
+from tasks.caching import STAGE_CACHE
 from tasks.config import REPO_ROOT, RegistryConfig
 from tasks.register import download_candidate
 from tasks.results import BentoRef

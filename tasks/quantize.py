@@ -8,12 +8,16 @@ from pathlib import Path
 
 from prefect import task
 
-from models.artifacts import atomic_dir, digest
+from models.artifacts import artifact
 from models.config import QuantConfig
 from models.device import resolve_device
 from models.quant import check_supported, method_settings, quantize_model
 from tasks.caching import STAGE_CACHE
 from tasks.etl import DatasetVersion
+
+# What decides a quantized artifact: the backends behind the registry (and their metadata) and this
+# stage, which picks the calibration prompts and stores them beside the weights.
+QUANT_CODE = ("models.quant", "tasks.quantize")
 
 
 def calibration_prompts(dataset: DatasetVersion, n: int) -> list[str]:
@@ -41,14 +45,14 @@ def quantize_candidates(finetuned: Path, dataset: DatasetVersion, cfg: QuantConf
     out = {}
     with quantizer_process() as child:
         for method in cfg.methods:
-            key = digest("quant-v2", str(finetuned), method, method_settings(method, cfg), calibration)
-            target = home / "models" / f"quant-{method}-{key}"
+            target = artifact(home / "models", f"quant-{method}", str(finetuned), method, method_settings(method, cfg),
+                              calibration, code=QUANT_CODE)
             if not target.exists():
-                with atomic_dir(target) as tmp:
+                with target.build() as tmp:
                     child.submit(quantize_model, method, finetuned / "merged", tmp, calibration, cfg).result()
                     # Stored with the model so the quantization can be reproduced exactly.
                     (tmp / "calibration.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in calibration))
-            out[method] = target
+            out[method] = target.path
     return out
 
 

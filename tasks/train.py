@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.artifacts import atomic_dir, digest, write_json
+from models.artifacts import Artifact, artifact, write_json
 from models.chat import render_context, row_context, row_messages, tokenize_conversation
 from models.config import ModelConfig, TrainConfig
 from models.decoding import draft_agreement
@@ -56,10 +56,16 @@ def training_examples(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
 # so a rerun with more processes or other checkpoint spacing reuses (and resumes) the same work.
 RUN_ONLY = {"num_processes", "accelerate_config", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
 DRAFT_ONLY = {"draft_steps", "draft_learning_rate", "distill_prompts"}
+# What decides the fine-tuned weights: this stage's example building and tokenizer setup, the worker
+# and training loop it launches, and the chat rendering the examples are made with.
+FINETUNE_CODE = ("tasks.train", "tasks.train_worker", "models.finetune", "models.training", "models.chat")
+# The draft is trained by the same code; the acceptance rates recorded with it come from models.decoding.
+DRAFT_CODE = (*FINETUNE_CODE, "models.decoding")
 
 
-def finetune_key(base: str, dataset: DatasetVersion, cfg: TrainConfig, chat_template: str | None) -> str:
-    return digest("finetune-v2", base, dataset.version, cfg.model_dump(mode="json", exclude=RUN_ONLY | DRAFT_ONLY), chat_template)
+def finetune_artifact(base: str, dataset: DatasetVersion, cfg: TrainConfig, chat_template: str | None, home: Path) -> Artifact:
+    return artifact(home / "models", "finetuned", base, dataset.version,
+                    cfg.model_dump(mode="json", exclude=RUN_ONLY | DRAFT_ONLY), chat_template, code=FINETUNE_CODE)
 
 
 def eval_split(dataset: DatasetVersion, n: int) -> list[dict]:
@@ -87,11 +93,10 @@ def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: Mo
     An interrupted run leaves its checkpoints in `models/.work-finetuned-<key>/`; running the same
     config again resumes from the last one. `tracking` = (tracking URI, MLflow run id) for per-step metrics.
     """
-    key = finetune_key(base, dataset, cfg, model_cfg.chat_template)
-    out = home / "models" / f"finetuned-{key}"
-    if out.exists():
-        return out
-    work = home / "models" / f".work-finetuned-{key}"
+    art = finetune_artifact(base, dataset, cfg, model_cfg.chat_template, home)
+    if art.exists():
+        return art.path
+    work = art.work  # survives a crash: the next run resumes from its checkpoints
     tokenizer = load_tokenizer(base, model_cfg.chat_template)
     job = TrainJob(
         source=base, method=cfg.method, train=cfg, steps=cfg.steps, lr=cfg.learning_rate, desc=f"fine-tune ({cfg.method})",
@@ -101,7 +106,7 @@ def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: Mo
         tracking_uri=tracking[0] if tracking else None, run_id=tracking[1] if tracking else None,
     )
     stats = train(job, *live_logging(tracking))
-    with atomic_dir(out) as tmp:
+    with art.build() as tmp:  # clears `work` once the model is in place
         if cfg.method == "full":
             shutil.copytree(work / "trained", tmp / "merged", ignore=shutil.ignore_patterns(STATS))
         else:
@@ -110,8 +115,7 @@ def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: Mo
         tokenizer.save_pretrained(tmp / "merged")  # carries the chat template used in training
         write_json(tmp / "train.json", {"base": base, "dataset": dataset.version, "method": cfg.method,
                                         "config": cfg.model_dump(), **stats})
-    shutil.rmtree(work, ignore_errors=True)  # checkpoints are for resuming; the result is now in place
-    return out
+    return art.path
 
 
 @torch.inference_mode()
@@ -151,11 +155,11 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
     Its acceptance rate against the target is measured on the eval split before and after."""
     if cfg.draft_steps == 0:
         return None
-    key = digest("draft-v2", str(finetuned), draft_init, dataset.version, cfg.model_dump(mode="json", exclude=RUN_ONLY))
-    out = home / "models" / f"draft-{key}"
-    if out.exists():
-        return out
-    work = home / "models" / f".work-draft-{key}"
+    art = artifact(home / "models", "draft", str(finetuned), draft_init, dataset.version,
+                   cfg.model_dump(mode="json", exclude=RUN_ONLY), code=DRAFT_CODE)
+    if art.exists():
+        return art.path
+    work = art.work  # survives a crash: the next run resumes from its checkpoints
     device = resolve_device(cfg.device)
     target_dir = finetuned / "merged"
     tokenizer = load_tokenizer(str(target_dir), None)
@@ -181,14 +185,13 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
     draft = AutoModelForCausalLM.from_pretrained(work / "trained", use_safetensors=True).to(device).eval()
     after = acceptance_of(draft, tokenizer, eval_prompts, eval_targets)
     log.info("draft acceptance on %d eval rows: %s before distillation, %s after", len(eval_prompts), before, after)
-    with atomic_dir(out) as tmp:
+    with art.build() as tmp:  # clears `work` once the draft is in place
         draft.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train.json", {"target": str(finetuned), "draft_init": draft_init, "distill_rows": len(rows),
                                         "acceptance_before": before, "acceptance_after": after,
                                         "acceptance_rows": len(eval_prompts), **stats})
-    shutil.rmtree(work, ignore_errors=True)
-    return out
+    return art.path
 
 
 # Not cached by Prefect: the embedded build is keyed on the content of its extra tokenizer files,
