@@ -35,8 +35,8 @@ CANDIDATE_CODE = ("models.candidate", "models.quant")
 REFERENCE_CODE = ("tasks.evaluate", "models.quant")
 # What the numbers of a report depend on: this stage, the loading and decoding code a candidate runs
 # through (as served), the chat rendering of prompts, the timing helpers, the serving scheduler the
-# concurrent throughput is measured through, and the lm-eval adapter.
-EVAL_CODE = ("tasks.evaluate", "tasks.measure", "tasks.benchmarks", "models.candidate", "models.decoding",
+# concurrent throughput is measured through, the lm-eval adapter, and the report type it fills.
+EVAL_CODE = ("tasks.evaluate", "tasks.results", "tasks.measure", "tasks.benchmarks", "models.candidate", "models.decoding",
              "models.fastgen", "models.quant", "models.chat", "serving.engine", "serving.config")
 
 
