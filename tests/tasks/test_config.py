@@ -54,7 +54,7 @@ def test_malformed_override_and_unknown_preset():
 
 
 def test_cli_refuses_bad_config_before_any_work(smelt_home):
-    from flows.cli import app
+    from cli.main import app
 
     result = CliRunner().invoke(app, ["run", "train.batch_size=0"])
     assert result.exit_code == 2
@@ -63,7 +63,7 @@ def test_cli_refuses_bad_config_before_any_work(smelt_home):
 
 
 def test_cli_help_explains_commands():
-    from flows.cli import app
+    from cli.main import app
 
     result = CliRunner().invoke(app, ["run", "--help"])
     assert result.exit_code == 0

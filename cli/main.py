@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows import loadtest, stack
-from flows.env import configure_environment, quiet_library_logs, smelt_home
+from bench import loadtest
+from cli import stack
+from models.settings import configure_environment, quiet_library_logs, smelt_home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="smelt: train -> quantize -> evaluate -> register -> package an LLM, on Prefect, MLflow and BentoML.")
@@ -362,7 +363,7 @@ def data_bench(
     The default 1,000,000 rows (about 1 GB) takes several minutes; no Prefect server is needed.
     """
     home = configure_environment()
-    from tasks.data.bench import run_etl_benchmark, table_rows
+    from bench.etl import run_etl_benchmark, table_rows
 
     result = run_etl_benchmark(rows, workdir or home / "bench" / "etl", seed, config, max_tokens, keep_dataset,
                                echo=console.print)
@@ -406,7 +407,7 @@ def bench(
     table as JSON and logs it to MLflow (experiment smelt-bench).
     """
     client, cfg, home = registry_client(config)
-    from tasks.serve_bench import run_serve_benchmark, table_rows
+    from bench.serve import run_serve_benchmark, table_rows
 
     name = champion_name(client, name, cfg)
     result = run_serve_benchmark(client, name, cfg, home, prompts, max_new_tokens or cfg.decode.max_new_tokens, streams,
@@ -446,7 +447,7 @@ def bench_train(
     once padded like the Trainer and once with packing.
     """
     home = configure_environment()
-    from tasks.train_bench import run_train_benchmark, table_rows
+    from bench.train import run_train_benchmark, table_rows
 
     load_or_exit(config, overrides or [])
     result = run_train_benchmark(workdir or home / "bench" / "train", home, config, overrides or [], steps, echo=console.print)
