@@ -6,7 +6,7 @@ import os
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.env import smelt_home
+from models.settings import smelt_home
 from tasks.config import EtlConfig, PipelineConfig, with_watched_data
 from tasks.etl import DatasetVersion, ingest_shard_task, merge_task, plan_task, prepare_tokenizer_task
 from tasks.evaluate import build_candidates_task, build_reference_task, evaluate_task

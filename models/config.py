@@ -5,13 +5,16 @@ override is refused before any work starts.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Device = Literal["auto", "cpu", "cuda"]
+# The one list of quantization methods. It stays a written-out Literal so pydantic validates it and
+# Prefect's form offers the choices; models/quant's BACKENDS registry is checked against it at import.
 QuantMethod = Literal["none", "bf16", "gptq-int4", "gptq-int8", "torchao-int8-dyn", "torchao-int8-wo", "torchao-int4-wo",
                       "bnb-int8", "bnb-nf4"]
+QUANT_METHODS: tuple[str, ...] = get_args(QuantMethod)
 DecodeStrategy = Literal["plain", "draft", "prompt-lookup"]
 
 

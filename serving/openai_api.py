@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from models.chat import render_messages
 from models.decoding import Generation, SamplingParams, cut_at_stop
-from serving.engine import Busy, Engine
+from models.engine import Busy, Engine
 from serving.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage, error_body, new_id, now
 
 

@@ -7,7 +7,6 @@ warm-up generation runs before BentoML reports the service ready (/readyz).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import bentoml
@@ -17,21 +16,13 @@ from models.candidate import load_candidate
 from models.chat import render_prompt
 from models.decoding import SamplingParams
 from models.device import resolve_device
+from models.engine import Busy, Engine
+from models.settings import bento_model_tag, load_settings
 from serving.config import ServeConfig
-from serving.engine import Busy, Engine
 from serving.metrics import Metrics
 from serving.openai_api import create_app
 
-PINNED_MODEL_FILE = Path(__file__).with_name("bento_model.txt")
 openai_app = create_app()
-
-
-def model_tag() -> str:
-    """The model-store tag this service serves: pinned into the Bento at build time (so a Bento
-    always serves the model it was built with), else $SMELT_BENTO_MODEL for development."""
-    if PINNED_MODEL_FILE.exists():
-        return PINNED_MODEL_FILE.read_text().strip()
-    return os.environ.get("SMELT_BENTO_MODEL", "smelt-model:latest")
 
 
 class GenerateRequest(BaseModel):
@@ -46,13 +37,13 @@ class GenerateResponse(BaseModel):
 
 
 # 127.0.0.1 unless told otherwise: SMELT_HOST=0.0.0.0 in a container, or `bentoml serve --host`.
-@bentoml.service(name="smelt", traffic={"timeout": 300}, http={"host": os.environ.get("SMELT_HOST", "127.0.0.1")})
+@bentoml.service(name="smelt", traffic={"timeout": 300}, http={"host": load_settings().host})
 @bentoml.asgi_app(openai_app, path="/v1")
 class SmeltService:
-    model_ref = bentoml.models.BentoModel(model_tag())
+    model_ref = bentoml.models.BentoModel(bento_model_tag())
 
     def __init__(self) -> None:
-        cfg = ServeConfig.from_env()
+        cfg = ServeConfig()  # SMELT_* variables (models/settings.py: SmeltSettings)
         labels = self.model_ref.info.labels
         cfg.model_id = cfg.model_id or labels.get("registered_model") or self.model_ref.tag.name
         self.candidate = load_candidate(Path(self.model_ref.path), resolve_device(cfg.device))

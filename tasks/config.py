@@ -12,9 +12,9 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from models.config import DecodeConfig, Device, ModelConfig, QuantConfig, StrictModel, TrainConfig
+from models.settings import REPO_ROOT, load_settings
 from tasks.data.formats import Format
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = REPO_ROOT / "infra" / "configs"
 DEFAULT_PRESET = "tiny-cpu"
 
@@ -107,7 +107,9 @@ class PackageConfig(StrictModel):
 class OrchestrationConfig(StrictModel):
     """Prefect deployments, schedules and retraining on new data (`smelt deploy`, `smelt data`)."""
 
-    work_pool: str = Field("smelt-local", description="Prefect work pool the deployments run on (a local process pool by default).")
+    work_pool: str = Field(default_factory=lambda: load_settings().work_pool,
+                           description="Prefect work pool the deployments run on; default SMELT_WORK_POOL, else the local "
+                                       "process pool smelt-local that `smelt up` starts a worker for.")
     watch_dir: str = Field("incoming", description="Watched data folder; new JSONL files there trigger a retrain. "
                                                    "Relative paths resolve from SMELT_HOME.")
     watch_uri: str | None = Field(None, description="An fsspec URI (s3://bucket/prefix, gs://..., file://...) whose JSONL "

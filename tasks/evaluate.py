@@ -21,11 +21,11 @@ from models.chat import render_context, row_context, row_messages, tokenize_conv
 from models.config import DecodeConfig
 from models.decoding import Generation
 from models.device import resolve_device
+from models.measure import PeakMemory, concurrent_throughput, memory_bandwidth, weight_bytes
 from models.quant import quant_meta, quantize_model
 from tasks.caching import STAGE_CACHE
 from tasks.config import EvalConfig
 from tasks.etl import DatasetVersion
-from tasks.measure import PeakMemory, concurrent_throughput, memory_bandwidth
 from tasks.results import EvalReport
 
 # A candidate directory is hard links plus the recipe that assemble_candidate writes; quant_method reads
@@ -36,8 +36,8 @@ REFERENCE_CODE = ("tasks.evaluate", "models.quant")
 # What the numbers of a report depend on: this stage, the loading and decoding code a candidate runs
 # through (as served), the chat rendering of prompts, the timing helpers, the serving scheduler the
 # concurrent throughput is measured through, the lm-eval adapter, and the report type it fills.
-EVAL_CODE = ("tasks.evaluate", "tasks.results", "tasks.measure", "tasks.benchmarks", "models.candidate", "models.decoding",
-             "models.fastgen", "models.quant", "models.chat", "serving.engine", "serving.config")
+EVAL_CODE = ("tasks.evaluate", "tasks.results", "tasks.lm_eval_harness", "models.measure", "models.engine", "models.candidate",
+             "models.decoding", "models.fastgen", "models.quant", "models.chat")
 
 
 def build_candidates(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: DecodeConfig, home: Path) -> list[Path]:
@@ -120,11 +120,6 @@ def completion_perplexity(model, tokenizer, rows: list[dict], max_len: int = 102
     return math.exp(nll / max(1, count))
 
 
-def weight_bytes(model_dir: Path) -> int:
-    """Bytes of weights a decode step reads: the model's weight files on disk."""
-    return sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
-
-
 def speed_of_memory(report: dict, model_dir: Path, device: torch.device) -> dict:
     """Effective bandwidth (weight bytes x decode tokens/s) and its share of the measured bandwidth."""
     meta = quant_meta(model_dir)
@@ -191,7 +186,7 @@ def benchmark_candidate(cand, rows: list[dict], cfg: EvalConfig, workdir: Path) 
     under greedy decoding, so only plain candidates run them (the others would repeat the numbers)."""
     if not cfg.lm_eval_tasks or cand.recipe["strategy"] != "plain":
         return None
-    from tasks.benchmarks import run_lm_eval
+    from tasks.lm_eval_harness import run_lm_eval
 
     return run_lm_eval(cand.model, cand.tokenizer, cfg.lm_eval_tasks, rows, cfg.lm_eval_limit, workdir,
                        max_gen_toks=cand.recipe["max_new_tokens"])

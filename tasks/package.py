@@ -5,7 +5,6 @@ turns it into an image where a Docker daemon exists.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -19,15 +18,16 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from models.artifacts import code_digest, read_json
+from models.settings import BENTO_MODEL_FILE, REPO_ROOT
 from tasks.caching import STAGE_CACHE
-from tasks.config import REPO_ROOT, RegistryConfig
+from tasks.config import RegistryConfig
 from tasks.register import download_candidate
 from tasks.results import BentoRef
 from tasks.tracking import use_tracking
 
 BENTO_SOURCES = ("serving", "models")
 BENTO_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "accelerate", "bentoml", "pydantic",
-                  "fastapi", "prometheus-client"]
+                  "pydantic-settings", "fastapi", "prometheus-client"]
 
 
 def bento_model_name(registered: str) -> str:
@@ -66,9 +66,8 @@ def bentofile(model_tag: str) -> dict:
         "service": "serving.service:SmeltService",
         "name": "smelt",
         "labels": {"model": model_tag.replace(":", "-"), "source": code_digest(BENTO_SOURCES)},
-        "include": ["serving/**/*.py", "serving/bento_model.txt", "models/**/*.py"],
+        "include": ["serving/**/*.py", str(BENTO_MODEL_FILE), "models/**/*.py"],
         "exclude": ["**/__pycache__"],
-        "envs": [{"name": "SMELT_BENTO_MODEL", "value": model_tag}],
         "python": {"packages": [f"{p}=={pkg_version(p)}" for p in BENTO_PACKAGES], "lock_packages": False},
     }
 
@@ -77,18 +76,19 @@ def build_bento(model_tag: str) -> str:
     """`bentoml build` of serving/ + models/ around one model-store tag; returns the Bento tag.
 
     Runs the real CLI in a subprocess on a temporary build context holding serving/ and models/
-    plus the pinned model tag (serving/bento_model.txt), which the service reads at import.
+    plus the pinned model tag (models/settings.py: BENTO_MODEL_FILE), the one place the service reads it
+    from (BentoML's loader puts the build context first on sys.path, so the build imports that copy).
     """
     with tempfile.TemporaryDirectory(prefix="smelt-bento-") as tmp:
         ctx = Path(tmp) / "ctx"
         for pkg in ("serving", "models"):  # the Bento carries these two packages and nothing else
             shutil.copytree(REPO_ROOT / pkg, ctx / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-        (ctx / "serving" / "bento_model.txt").write_text(model_tag + "\n")
+        (ctx / BENTO_MODEL_FILE).write_text(model_tag + "\n")
         spec = Path(tmp) / "bentofile.yaml"
         spec.write_text(yaml.safe_dump(bentofile(model_tag)))
         proc = subprocess.run(
             [sys.executable, "-m", "bentoml", "build", "-f", str(spec), "--output", "tag", str(ctx)],
-            env={**os.environ, "SMELT_BENTO_MODEL": model_tag}, capture_output=True, text=True, timeout=600,
+            capture_output=True, text=True, timeout=600,
         )
     if proc.returncode != 0:
         raise RuntimeError(f"bentoml build failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

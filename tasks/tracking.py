@@ -21,6 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.artifacts import digest, dir_size_bytes, read_json
+from models.settings import load_settings, sqlite_tracking_uri
 from tasks.config import REPO_ROOT, PipelineConfig, RegistryConfig
 from tasks.etl import DatasetVersion
 from tasks.results import BentoRef, RegistryResult
@@ -30,7 +31,7 @@ PARAM_MAX_CHARS = 6000  # MLflow's limit on a param value
 
 def tracking_uri(cfg: RegistryConfig, home: Path) -> str:
     """Config first, then MLFLOW_TRACKING_URI, then the SQLite store under SMELT_HOME."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+    return cfg.tracking_uri or load_settings().mlflow_tracking_uri or sqlite_tracking_uri(home)
 
 
 def use_tracking(cfg: RegistryConfig, home: Path) -> MlflowClient:

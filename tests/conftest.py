@@ -13,7 +13,7 @@ os.environ["SMELT_HOME"] = str(_HOME)
 for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME", "PREFECT_API_URL"):
     os.environ.pop(var, None)  # never touch a developer's real servers or stores
 
-from flows.env import configure_environment  # noqa: E402
+from models.settings import configure_environment  # noqa: E402
 
 configure_environment(_HOME)
 

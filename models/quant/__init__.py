@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from models.artifacts import digest, read_json, write_json
-from models.config import QuantConfig
+from models.config import QUANT_METHODS, QuantConfig, QuantMethod
 
 QUANT_META = "smelt_quant.json"
 
 # method -> (module, fixed settings, library whose version is recorded); modules are imported lazily
 # so an optional backend's import cost or absence only matters when that method is asked for.
-BACKENDS: dict[str, tuple[str, dict, str | None]] = {
+BACKENDS: dict[QuantMethod, tuple[str, dict, str | None]] = {
     "none": ("models.quant.full", {}, None),
     "bf16": ("models.quant.full", {"dtype": "bfloat16"}, None),
     "gptq-int4": ("models.quant.gptq", {"bits": 4}, "gptqmodel"),
@@ -35,6 +35,16 @@ BACKENDS: dict[str, tuple[str, dict, str | None]] = {
     "bnb-int8": ("models.quant.bnb", {"scheme": "int8"}, "bitsandbytes"),
     "bnb-nf4": ("models.quant.bnb", {"scheme": "nf4"}, "bitsandbytes"),
 }
+
+
+def check_registry(backends: dict, methods: tuple[str, ...]) -> None:
+    """The registry serves exactly the methods the config accepts, in the same order (supported_methods
+    keeps that order), so a method added to one and not the other fails at import, not mid-run."""
+    if tuple(backends) != methods:
+        raise ImportError(f"models/quant BACKENDS {tuple(backends)} != models/config QuantMethod {methods}")
+
+
+check_registry(BACKENDS, QUANT_METHODS)
 
 
 def _backend(method: str):

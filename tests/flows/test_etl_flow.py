@@ -27,7 +27,7 @@ def write_inputs(folder):
 
 
 def in_subprocess(home, code: str) -> str:
-    code = "from flows.env import configure_environment; configure_environment()\n" + code  # this home's stores
+    code = "from models.settings import configure_environment; configure_environment()\n" + code  # this home's stores
     proc = subprocess.run([sys.executable, "-c", code], env=smelt_env(home), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
@@ -39,7 +39,7 @@ def ingested(tmp_path_factory):
     write_inputs(tmp / "data")
     home = tmp / "home"
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "data", "ingest", str(tmp / "data"), "--config", "micro-cpu",
+        [sys.executable, "-m", "cli.main", "data", "ingest", str(tmp / "data"), "--config", "micro-cpu",
          "--set", "etl.task_runner=dask", "--set", "etl.dask_workers=2", "--set", "etl.shard_mb=0.004"],
         env=smelt_env(home), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -92,7 +92,7 @@ def test_a_bad_file_fails_the_ingest_command_with_its_name_and_line(tmp_path):
     bad = tmp_path / "mixed.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n'
                    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "data", "ingest", str(bad), "--config", "micro-cpu"],
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "data", "ingest", str(bad), "--config", "micro-cpu"],
                           env=smelt_env(tmp_path / "home"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (f"smelt data ingest: input file {bad} mixes record shapes: line 1 is prompt-completion, line 2 is chat"

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from flows.stack import SERVICES, is_running, start_services, stop_services
+from cli.stack import SERVICES, is_running, start_services, stop_services
 from tasks.config import REPO_ROOT
 from tests.helpers import free_port, smelt_env
 
@@ -35,7 +35,7 @@ def stack(tmp_path_factory):
 
 def smelt(home, *args, timeout=300):
     env = smelt_env(home)  # the CLI finds the running servers itself
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

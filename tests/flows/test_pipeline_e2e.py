@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def run_smelt(home, *args):
     env = smelt_env(home)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", "micro-cpu", *args],
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "--config", "micro-cpu", *args],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout, time.perf_counter() - t0
@@ -182,7 +182,7 @@ print(json.dumps({'outputs': m.predict(pd.DataFrame({'prompt': prompts})), 'expe
 
 def smelt_cli(home, *args):
     env = smelt_env(home)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_lists_promotes_with_a_recorded_reason_and_rolls_back(first_run):
@@ -346,7 +346,7 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(served):
 def test_bounded_load_has_no_server_errors(served):
     import asyncio
 
-    from flows.loadtest import run_load
+    from bench.loadtest import run_load
 
     url, _ = served
     prompts = ["Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups on Monday.", "Ana from Lima"]

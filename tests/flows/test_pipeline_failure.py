@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 def test_a_failed_flow_marks_its_mlflow_run_failed(tmp_path):
     env = smelt_env(tmp_path)
     missing = tmp_path / "no-such-model"  # found missing when the draft is distilled, after the MLflow run opened
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", "micro-cpu", f"model.draft={missing}"],
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "-c", "micro-cpu", f"model.draft={missing}"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert str(missing) in proc.stdout + proc.stderr  # the error names what was missing

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from flows.stack import start_services, stop_services
+from cli.stack import start_services, stop_services
 from tests.helpers import free_port, smelt_env
 
 pytestmark = pytest.mark.integration
@@ -15,7 +15,7 @@ def test_pipeline_runs_against_smelt_up_servers(tmp_path):
     states = {s.service: s for s in start_services(tmp_path, ports={"mlflow": free_port(), "prefect": free_port()})}
     try:
         env = smelt_env(tmp_path, MLFLOW_TRACKING_URI=states["mlflow"].api_url)  # `smelt run` finds the Prefect server itself
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-c", "micro-cpu", "package.build_bento=false"],
+        proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "-c", "micro-cpu", "package.build_bento=false"],
                               env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         check = subprocess.run([sys.executable, "-c", f"""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.stack import start_services, stop_services
+from cli.stack import start_services, stop_services
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ ARGS = ["train", "-c", "micro-cpu", "train.steps=400", "train.checkpoint_every=4
 def smelt(home: Path, threads: int | None = None, **popen) -> subprocess.Popen:
     # two runs side by side get a core each: OpenMP threads spinning on a shared core slow both many-fold
     env = smelt_env(home, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *ARGS], cwd=REPO, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *ARGS], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 

@@ -6,7 +6,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from flows.stack import WORK_POOL
+from models.settings import load_settings
 from serving.config import ServeConfig
 from tasks.config import REPO_ROOT
 
@@ -73,9 +73,20 @@ def test_worker_and_clients_point_at_the_servers_compose_runs():
     assert api.hostname == "prefect-server" and f"--port {api.port}" in services["prefect-server"]["command"]
     tracking = urlparse(worker_env["MLFLOW_TRACKING_URI"])
     assert tracking.hostname == "mlflow" and f"--port {tracking.port}" in services["mlflow"]["command"]
-    assert f"--pool {worker_env['SMELT_WORK_POOL']}" in services["worker"]["command"] and worker_env["SMELT_WORK_POOL"] == WORK_POOL
+    assert f"--pool {worker_env['SMELT_WORK_POOL']}" in services["worker"]["command"]
+    assert worker_env["SMELT_WORK_POOL"] == load_settings().work_pool
     for key in env_of(services["bento"]):
         assert key.removeprefix("SMELT_").lower() in ServeConfig.model_fields or key == "SMELT_HOST", key
+
+
+def test_the_worker_image_copies_every_package_the_wheel_builds():
+    """`uv sync` installs the project, whose wheel lists these folders: a package missing from the
+    image fails the build (or a flow run, on the first import of it)."""
+    import tomllib
+
+    packages = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    copied = re.findall(r"^COPY (\S+) \1$", (INFRA / "docker" / "smelt.Dockerfile").read_text(), re.M)
+    assert set(packages) <= set(copied) and {"cli", "bench"} <= set(packages)
 
 
 def manifests() -> dict[str, list[dict]]:

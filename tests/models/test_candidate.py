@@ -76,7 +76,7 @@ def test_draft_agreement_counts_positions_where_the_draft_would_propose_the_targ
 def test_compiled_recipes_give_the_eager_candidates_tokens_whole_streamed_and_batched(quant_dir, tiny_draft_dir, tmp_path):
     from models.chat import render_context
     from models.decoding import SamplingParams
-    from serving.engine import TokenStream
+    from models.engine import TokenStream
 
     eager = load_candidate(assemble_candidate(quant_dir, None, "plain", DecodeConfig(max_new_tokens=12), tmp_path / "e"),
                            torch.device("cpu"))

@@ -139,3 +139,14 @@ def test_a_method_the_cpu_cannot_run_is_refused_with_the_reason_and_the_alternat
     msg = proc.stdout.strip().splitlines()[-1]
     assert msg.startswith("quantization method 'bnb-nf4' cannot run on cpu: bitsandbytes on the CPU needs AVX2")
     assert "methods that can: ['none', 'bf16', 'gptq-int4'" in msg and "bnb-int8" not in msg.split("methods that can:")[1]
+
+
+def test_the_registry_serves_exactly_the_methods_the_config_accepts():
+    from typing import get_args
+
+    from models.config import QuantMethod
+    from models.quant import check_registry
+
+    assert tuple(BACKENDS) == get_args(QuantMethod)
+    with pytest.raises(ImportError, match="bnb-nf4"):
+        check_registry({m: spec for m, spec in BACKENDS.items() if m != "bnb-nf4"}, get_args(QuantMethod))

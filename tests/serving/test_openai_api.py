@@ -16,7 +16,7 @@ from models.config import DecodeConfig
 from models.decoding import SamplingParams
 from models.quant import quantize_model
 from serving.config import ServeConfig
-from serving.engine import Busy, Engine
+from models.engine import Busy, Engine
 from serving.metrics import Metrics
 from serving.openai_api import create_app
 

@@ -13,7 +13,7 @@ from models.quant import quantize_model
 from tasks.config import EtlConfig, EvalConfig
 from tasks.etl import build_dataset
 from tasks.evaluate import build_reference, completion_perplexity, evaluate_candidate, field_scores
-from tasks.measure import PeakMemory, concurrent_throughput, memory_bandwidth
+from models.measure import PeakMemory, concurrent_throughput, memory_bandwidth
 
 
 @pytest.mark.parametrize("predicted, expected, scores", [

@@ -183,7 +183,7 @@ def test_list_versions_shows_aliases_metrics_and_lineage(registry):
 @pytest.mark.integration
 def test_promotion_and_rollback_through_a_tracking_server(tmp_path):
     """The same registry operations against `mlflow server` (what `smelt up` starts) over HTTP."""
-    from flows.stack import start_services, stop_services
+    from cli.stack import start_services, stop_services
     from tests.helpers import free_port
 
     [state] = start_services(tmp_path, ["mlflow"], {"mlflow": free_port()})

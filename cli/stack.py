@@ -24,13 +24,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.env import configure_environment
+from models.settings import configure_environment, load_settings, sqlite_tracking_uri
 from models.artifacts import write_json
 
 Service = Literal["mlflow", "prefect", "worker"]
 SERVICES: tuple[Service, ...] = get_args(Service)  # start order; `down` stops in reverse
 DEFAULT_PORTS: dict[str, int] = {"mlflow": 5000, "prefect": 4200, "worker": 4280}
-WORK_POOL = os.environ.get("SMELT_WORK_POOL", "smelt-local")
 HOST = "127.0.0.1"  # for people on this machine; exposing a server is a deployment decision (see infra/)
 
 
@@ -79,7 +78,7 @@ def mlflow_command(home: Path, port: int) -> list[str]:
     return [
         sys.executable, "-m", "mlflow", "server",
         # SMELT_MLFLOW_BACKEND_STORE_URI points it at PostgreSQL (as in production); SQLite under SMELT_HOME otherwise
-        "--backend-store-uri", os.environ.get("SMELT_MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{home / 'mlflow.db'}",
+        "--backend-store-uri", load_settings().mlflow_backend_store_uri or sqlite_tracking_uri(home),
         # new experiments get mlflow-artifacts:/ URIs, proxied to this directory (the pipeline's own
         # experiments keep their file: locations under the same directory)
         "--artifacts-destination", str(home / "mlartifacts"),
@@ -94,7 +93,7 @@ def prefect_command(home: Path, port: int) -> list[str]:
 
 def worker_command(home: Path, port: int) -> list[str]:
     # --type process creates the pool with the process worker's default job template if it is missing.
-    return [sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type", "process", "--with-healthcheck"]
+    return [sys.executable, "-m", "prefect", "worker", "start", "--pool", load_settings().work_pool, "--type", "process", "--with-healthcheck"]
 
 
 def worker_env(home: Path, port: int) -> dict[str, str]:
@@ -167,7 +166,7 @@ def service_env(home: Path) -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
         "PREFECT_CLI_PROMPT": "false",  # no terminal behind a detached server
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "MLFLOW_TRACKING_URI": sqlite_tracking_uri(home),
         # MLflow 3.17 otherwise starts a job runner and 7 huey consumers (8 more Python processes on
         # 2 cores) with their queue in /dev/shm, outside SMELT_HOME; smelt uses no server-side jobs.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -384,7 +383,7 @@ def running_url(home: Path, service: str) -> str | None:
     return state.api_url if state is not None and is_healthy(state) else None
 
 
-# ---- command line (registered in flows/cli.py) ----
+# ---- command line (registered in cli/main.py) ----
 
 console = Console()
 err_console = Console(stderr=True)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.chat import render_prompt
 from models.decoding import SamplingParams, generate_text
-from tasks.benchmarks import EMBEDDED_TASK, hub_reachable, run_lm_eval
+from tasks.lm_eval_harness import EMBEDDED_TASK, hub_reachable, run_lm_eval
 
 PROMPTS = [
     "Extract the city: Bob lives in Paris.", "def foo(x): return x + 1", "The quick brown fox", "Order for Henry: 3 apples",

@@ -1,4 +1,6 @@
-"""`smelt` command line. Configures SMELT_HOME before Prefect, MLflow or BentoML is imported."""
+"""`smelt` command line. Every command starts with `prepare` (SMELT_HOME before Prefect, MLflow or
+BentoML is imported, quiet library logs, the config validated before any work); what it prints is
+in cli/render.py."""
 from __future__ import annotations
 
 import json
@@ -9,16 +11,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from flows import loadtest, stack
-from flows.env import configure_environment, quiet_library_logs, smelt_home
+from bench import loadtest
+from cli import stack
+from cli.render import (console, print_data_summary, print_etl_benchmark, print_serve_benchmark, print_summary,
+                        print_train_benchmark, print_train_result, versions_table)
+from models.settings import configure_environment, quiet_library_logs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="smelt: train -> quantize -> evaluate -> register -> package an LLM, on Prefect, MLflow and BentoML.")
-console = Console(width=160)  # wide enough for the summary table in logs and CI, not just terminals
 models_app = typer.Typer(no_args_is_help=True, help="Inspect models in the MLflow registry.")
 app.add_typer(models_app, name="models")
 data_app = typer.Typer(no_args_is_help=True, help="Feed new data to the watched folder; retrains follow through Prefect.")
@@ -36,16 +38,26 @@ def load_or_exit(config: str, overrides: list[str]):
         raise typer.Exit(2)
 
 
+def prepare(config: str, overrides: Optional[list[str]] = None, prefect: Optional[str] = None):
+    """(home, config): the preamble every command that does work shares. `prefect="use"` reports to
+    the server `smelt up` started, if one runs; `prefect="require"` exits 2 without one."""
+    home = configure_environment()
+    quiet_library_logs()
+    cfg = load_or_exit(config, overrides or [])  # refuse a bad config before any work starts
+    if prefect == "use":
+        use_running_prefect(home)  # `smelt up` is running: report the run to its UI
+    elif prefect == "require":
+        prefect_api_or_exit(home)
+    return home, cfg
+
+
 @app.command()
 def run(
     overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides, e.g. train.steps=50 quant.methods='[none]'."),
     config: str = typer.Option("tiny-cpu", "--config", "-c", help="Preset name (infra/configs/NAME.yaml) or path to a YAML file."),
 ) -> None:
     """Run the whole pipeline: ETL, LoRA fine-tuning, quantization, evaluation, MLflow registration, Bento build."""
-    home = configure_environment()
-    quiet_library_logs()
-    cfg = load_or_exit(config, overrides or [])  # refuse a bad config before any work starts
-    use_running_prefect(home)  # `smelt up` is running: report the run to its UI
+    home, cfg = prepare(config, overrides, prefect="use")
     from flows.pipeline import pipeline
 
     console.print(f"smelt: preset [bold]{cfg.preset}[/bold], home {home}")
@@ -65,27 +77,14 @@ def train_cmd(
     from the last checkpoint. Loss, learning rate, grad norm and tokens/s go to MLflow every
     train.log_every steps. train.num_processes=N trains on N processes (torchrun on the CPU).
     """
-    home = configure_environment()
-    quiet_library_logs()
-    cfg = load_or_exit(config, overrides or [])
-    use_running_prefect(home)
+    home, cfg = prepare(config, overrides, prefect="use")
     from flows.pipeline import train
     from models.artifacts import read_json
 
     console.print(f"smelt train: preset [bold]{cfg.preset}[/bold], method {cfg.train.method}, home {home}")
     result = train(cfg)
-    t = read_json(Path(result["finetuned"]) / "train.json")
-    resumed = f", resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else ""
-    early = f", stopped early at step {t['steps_run']}" if t.get("stopped_early") else ""
-    console.print(f"fine-tuned ({t['method']}, {t['steps_run']} steps on {t['num_processes']} process(es){resumed}{early}): "
-                  f"train loss {t['final_loss']:.4f}, eval loss {t['eval_loss'] or float('nan'):.4f}, {t['train_tokens_per_s']:,.0f} tokens/s "
-                  f"-> {result['finetuned']}")
-    if result["draft"]:
-        d = read_json(Path(result["draft"]) / "train.json")
-        pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
-        console.print(f"draft distilled ({d['steps_run']} steps): acceptance on {d['acceptance_rows']} eval prompts "
-                      f"{pct(d['acceptance_before'])} before, {pct(d['acceptance_after'])} after -> {result['draft']}")
-    console.print(f"MLflow run {result['mlflow_run_id']}")
+    draft = read_json(Path(result["draft"]) / "train.json") if result["draft"] else None
+    print_train_result(result, read_json(Path(result["finetuned"]) / "train.json"), draft)
 
 
 @app.command()
@@ -119,9 +118,7 @@ def use_running_prefect(home) -> bool:
 
 def registry_client(config: str):
     """(client, pipeline config, home) for registry commands; bad config exits 2."""
-    home = configure_environment()
-    quiet_library_logs()
-    cfg = load_or_exit(config, [])
+    home, cfg = prepare(config)
     from tasks.tracking import use_tracking
 
     return use_tracking(cfg.registry, home), cfg, home
@@ -161,22 +158,6 @@ def models_list(
         except RegistryError as err:
             fail(str(err))
         console.print(versions_table(n, rows))
-
-
-def versions_table(name: str, rows: list[dict]) -> Table:
-    from tasks.results import EvalReport
-
-    listed = {k: m for k, m in EvalReport.metrics().items() if m.listed}  # numbers are tag strings; "None" when unmeasured
-    table = Table(title=f"{name} ({len(rows)} versions)")
-    for col in ("version", "aliases", *(m.label for m in listed.values()), "quant", "decoding", "dataset", "config",
-                "commit", "created", "gate"):
-        table.add_column(col, overflow="fold", no_wrap=col not in ("gate", "aliases"))
-    for r in rows:
-        numbers = [m.show(None if r[k] in (None, "None") else float(r[k])) for k, m in listed.items()]
-        table.add_row(r["version"], ", ".join(r["aliases"]), *numbers, r["quant_method"] or "-",
-                      r["strategy"] or "-", r["dataset_version"] or "-", r["config_hash"] or "-", (r["git_commit"] or "-")[:8],
-                      r["created"], (r["rolled_back"] and f"rolled back {r['rolled_back']}") or r["gate"] or "-")
-    return table
 
 
 @app.command()
@@ -267,9 +248,7 @@ def prefect_api_or_exit(home) -> None:
 
 def watched_setup(config: str):
     """(home, config, watched folder) for the `data` commands, which need a Prefect server for their events."""
-    home = configure_environment()
-    cfg = load_or_exit(config, [])
-    prefect_api_or_exit(home)
+    home, cfg = prepare(config, prefect="require")
     from tasks.config import watched_folder
 
     return home, cfg, watched_folder(cfg.orchestration, home)
@@ -285,10 +264,7 @@ def deploy(
     Schedules come from orchestration.pipeline_cron / etl_cron / retrain_cron (all off by default).
     They run on the orchestration.work_pool process pool; `smelt up` starts its worker.
     """
-    home = configure_environment()
-    quiet_library_logs()
-    cfg = load_or_exit(config, overrides or [])
-    prefect_api_or_exit(home)
+    home, cfg = prepare(config, overrides, prefect="require")
     from flows.deploy import deploy_all
     from tasks.config import watched_folder
 
@@ -315,11 +291,8 @@ def data_ingest(
     Prints the version id and every count; bad rows are quarantined with file, line and reason, and
     the data report goes to the Prefect run and to MLflow. Ingesting the same input again is free.
     """
-    home = configure_environment()
-    quiet_library_logs()
-    cfg = load_or_exit(config, [f"etl.sources={json.dumps(paths)}", f"etl.format={fmt}", f"etl.record_shape={schema}",
-                                *(overrides or [])])
-    use_running_prefect(home)
+    home, cfg = prepare(config, [f"etl.sources={json.dumps(paths)}", f"etl.format={fmt}", f"etl.record_shape={schema}",
+                                 *(overrides or [])], prefect="use")
     from flows.pipeline import etl
     from tasks.data.formats import DataError
 
@@ -328,19 +301,6 @@ def data_ingest(
     except DataError as err:
         fail(f"smelt data ingest: {err}", 2)
     print_data_summary(result)
-
-
-def print_data_summary(result: dict) -> None:
-    from tasks.report import COUNT_LABELS
-
-    c = result["counts"]
-    table = Table(title=f"Dataset {result['dataset']}")
-    for _, header in COUNT_LABELS:
-        table.add_column(header)
-    table.add_row(*[str(c.get(k, 0)) for k, _ in COUNT_LABELS])
-    console.print(table)
-    console.print(f"written to {result['path']} (train.parquet, eval.parquet, manifest.json, quarantine.jsonl, removed.jsonl, "
-                  f"lengths.png); MLflow run {result['mlflow_run_id']}")
 
 
 @data_app.command("bench")
@@ -363,23 +323,12 @@ def data_bench(
     is per job. Prints both and their ratio; the numbers also go to WORKDIR/etl-benchmark.json.
     The default 1,000,000 rows (about 1 GB) takes several minutes; no Prefect server is needed.
     """
-    home = configure_environment()
-    from tasks.data.bench import run_etl_benchmark, table_rows
+    home, _ = prepare(config)  # the jobs load the preset again in their own processes
+    from bench.etl import run_etl_benchmark
 
     result = run_etl_benchmark(rows, workdir or home / "bench" / "etl", seed, config, max_tokens, keep_dataset,
                                echo=console.print)
-    cells = table_rows(result)
-    table = Table(title=f"ETL benchmark: {rows:,} rows, {result['file_mb']:,.0f} MB JSONL ({result['cpus']} CPUs)")
-    for i, header in enumerate(cells[0]):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in cells[1:]:
-        table.add_row(*row)
-    console.print(table)
-    c = result["smelt"]["counts"]
-    console.print(f"smelt kept {c['kept']:,} ({c['train']:,} train / {c['eval']:,} eval); removed {c['quarantined']:,} "
-                  f"quarantined, {c['duplicates']:,} duplicates, {c['contaminated']:,} contaminated. pandas only parses: "
-                  f"no validation, dedup or tokens.")
-    console.print(f"written to {Path(result['file']).parent / 'etl-benchmark.json'}")
+    print_etl_benchmark(result, rows)
 
 
 @app.command("bench")
@@ -408,27 +357,12 @@ def bench(
     table as JSON and logs it to MLflow (experiment smelt-bench).
     """
     client, cfg, home = registry_client(config)
-    from tasks.serve_bench import run_serve_benchmark, table_rows
+    from bench.serve import run_serve_benchmark
 
     name = champion_name(client, name, cfg)
     result = run_serve_benchmark(client, name, cfg, home, prompts, max_new_tokens or cfg.decode.max_new_tokens, streams,
                                  passes, with_random, out, echo=console.print)
-    print_table(f"{name}: {result['prompts']} prompts x {result['passes']} passes, {result['max_new_tokens']} new tokens, "
-                f"{result['cpus']} threads, "
-                f"memory bandwidth {result['machine_bandwidth_gbs']:.1f} GB/s", table_rows(result["rows"]))
-    if "random" in result:
-        print_table(f"random-init {result['random']['parameters'] / 1e6:.0f}M-parameter model, same architecture",
-                    table_rows(result["random"]["rows"]))
-    console.print(f"written to {result['report']}; MLflow run {result['mlflow_run_id']} (experiment smelt-bench)")
-
-
-def print_table(title: str, cells: list[list[str]]) -> None:
-    table = Table(title=title)
-    for i, header in enumerate(cells[0]):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in cells[1:]:
-        table.add_row(*row)
-    console.print(table)
+    print_serve_benchmark(name, result)
 
 
 @app.command("bench-train")
@@ -447,15 +381,12 @@ def bench_train(
     WORKDIR/train-benchmark.json. smelt runs as `smelt train` does (checkpoints and logging on),
     once padded like the Trainer and once with packing.
     """
-    home = configure_environment()
-    from tasks.train_bench import run_train_benchmark, table_rows
+    home, _ = prepare(config, overrides)  # validated here; the trainers load it again in their own processes
+    from bench.train import run_train_benchmark
 
-    load_or_exit(config, overrides or [])
-    result = run_train_benchmark(workdir or home / "bench" / "train", home, config, overrides or [], steps, echo=console.print)
-    t = result["train"]
-    print_table(f"Training benchmark: {config}, LoRA r={t['lora']['r']}, {steps} steps of batch {t['batch_size']}, "
-                f"{result['rows']:,} rows, {result['cpus']} CPUs", table_rows(result))
-    console.print(f"written to {(workdir or home / 'bench' / 'train') / 'train-benchmark.json'}")
+    workdir = workdir or home / "bench" / "train"
+    result = run_train_benchmark(workdir, home, config, overrides or [], steps, echo=console.print)
+    print_train_benchmark(result, config, steps, workdir / "train-benchmark.json")
 
 
 @data_app.command("add")
@@ -488,46 +419,6 @@ def data_watch(
     uri = cfg.orchestration.watch_uri
     console.print(f"watching {uri + ' -> ' if uri else ''}{folder} (quiet period {cfg.orchestration.quiet_seconds:g} s)")
     watch(home, folder, interval, cfg.orchestration.quiet_seconds, source_uri=uri)
-
-
-def print_summary(result, seconds: float) -> None:
-    """`smelt run`'s ending: the candidates (the metrics EvalReport declares for the summary: the numbers
-    the selection turns on; the full table is in the report files), the selection, the gate, what next."""
-    from tasks.report import candidate_rows, decision_line, finetune_gain, gain_line
-
-    reg = result.registry
-    rows = candidate_rows(result.reports, reg, result.base, which="summary")
-    table = Table(title=f"Candidates (dataset {result.dataset}, {result.counts['train']} train / {result.counts['eval']} eval rows)")
-    columns = [c for c in rows[0] if c != "why"]
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*[("[green]yes[/green]" if row[c] == "yes" else str(row[c])) for c in columns])
-    console.print(table)
-    for row in rows:
-        console.print(f"  v{row['version']} {row['quant']}/{row['decoding']}: {row['why']}")
-    if gain := finetune_gain(result.reports, result.base):
-        console.print(f"Fine-tuning gain on the eval split (full precision, plain decoding, vs the base model): {gain_line(gain)}.")
-    policy = result.selection.policy
-    console.print(f"Selection: {policy['policy']} on {policy['metric']} (within {policy['max_accuracy_drop']:.1%} of full "
-                  f"precision{', above the base model' if policy['require_above_base'] else ''}), ranked by {policy['speed_metric']}.")
-    if reg.challenger is None:
-        console.print(f"Registered model [bold]{reg.name}[/bold]: {reg.gate_reason}; champion is v{reg.champion}.")
-    else:
-        console.print(f"Registered model [bold]{reg.name}[/bold]: {decision_line(reg)} ({reg.gate_reason}); "
-                      f"champion is v{reg.champion}.")
-    console.print(f"Evaluation report (JSON, Markdown, pictures): {result.report_dir} (also in the MLflow run, under evaluation/)")
-    console.print(f"MLflow run {result.mlflow_run_id}; `smelt models list {reg.name}` shows every version.")
-    home = smelt_home()
-    lines = [f"Finished in {seconds:.0f} s. Next:",
-             f"  Versions:    uv run smelt models list {reg.name}",
-             "  UIs:         uv run smelt up    (MLflow and Prefect servers on 127.0.0.1; `smelt down` stops them)"]
-    if result.bento:
-        tag = result.bento.bento_tag
-        lines += [f"  Bento:       {tag}  (BENTOML_HOME={home / 'bentoml'})",
-                  f"  Serve it:    uv run smelt serve {reg.name}   (OpenAI-compatible API on http://127.0.0.1:3000/v1)",
-                  f"  Container:   BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {tag}  (needs Docker)"]
-    console.print("\n".join(lines))
 
 
 app.command()(stack.up)

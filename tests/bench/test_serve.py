@@ -2,7 +2,7 @@
 import pytest
 
 from models.quant import quantize_model
-from tasks.serve_bench import bench_candidates, metric_key, table_rows
+from bench.serve import bench_candidates, metric_key, table_rows
 
 PROMPTS = ["Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups on Monday.",
            "Extract name, city, item, qty and day as JSON.\nOn Friday, Lena bought 12 maps in Lima."]

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from models.artifacts import write_json
-from tasks.data.bench import Clock, measure_in_child
+from bench.etl import Clock, measure_in_child
 
 JOBS = ("transformers.Trainer + peft", "smelt", "smelt, packed")
 
@@ -21,7 +21,7 @@ def job_setup(args: dict, clock: Clock) -> dict:
     tokenized training rows both trainers read."""
     import torch
 
-    from flows.env import configure_environment
+    from models.settings import configure_environment
 
     home = configure_environment(Path(args["home"]))
     from tasks.config import load_config
@@ -92,7 +92,7 @@ def run_train_benchmark(workdir: Path, home: Path, config: str, overrides: list[
     workdir.mkdir(parents=True, exist_ok=True)
     rows = workdir / "rows.pt"
     echo(f"setup: dataset and base model of {config} (built once, then found in {home})")
-    setup = measure_in_child("tasks.train_bench:job_setup", {"home": str(home), "config": config, "overrides": overrides,
+    setup = measure_in_child("bench.train:job_setup", {"home": str(home), "config": config, "overrides": overrides,
                                                              "rows": str(rows)})
     common = {"base": setup["base"], "rows": str(rows), "train": setup["train"], "steps": steps, "pad_id": setup["pad_id"]}
     results = {}
@@ -101,10 +101,10 @@ def run_train_benchmark(workdir: Path, home: Path, config: str, overrides: list[
         if name.startswith("smelt"):
             for sub in ("out", "checkpoints"):
                 shutil.rmtree(workdir / sub, ignore_errors=True)
-            r = measure_in_child("tasks.train_bench:job_smelt", {**common, "packing": "packed" in name,
+            r = measure_in_child("bench.train:job_smelt", {**common, "packing": "packed" in name,
                                                                 "out": str(workdir / "out"), "checkpoints": str(workdir / "checkpoints")})
         else:
-            r = measure_in_child("tasks.train_bench:job_trainer", common)
+            r = measure_in_child("bench.train:job_trainer", common)
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         results[name] = r
     base = results[JOBS[0]]

@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.data.bench import bench_file_ready, run_etl_benchmark, write_bench_file
+from bench.etl import bench_file_ready, run_etl_benchmark, write_bench_file
 
 
 def test_bench_file_is_deterministic_loadable_by_pandas_and_reused(tmp_path):

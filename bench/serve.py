@@ -31,9 +31,8 @@ from models.artifacts import write_json
 from models.chat import render_context
 from models.decoding import SamplingParams, generate_batch, generate_text, strategy_kwargs
 from models.fastgen import CompiledDecoder, Decoded
+from models.measure import memory_bandwidth, weight_bytes
 from models.quant import load_quantized
-from tasks.evaluate import weight_bytes
-from tasks.measure import memory_bandwidth
 
 LOOPS = ("hf", "compiled", "compiled+draft")
 FP32_LOOPS = ("compiled", "compiled+draft", "hf+draft")  # after fp32 · hf, the baseline

@@ -17,11 +17,23 @@ from dataclasses import dataclass, field
 
 from transformers import TextIteratorStreamer
 
+from pydantic import Field
+
 from models.candidate import Candidate
+from models.config import StrictModel
 from models.decoding import Generation, SamplingParams, draft_agreement
-from serving.config import ServeConfig
 
 ACCEPTANCE_EVERY = 8
+
+
+class EngineConfig(StrictModel):
+    """The scheduler's limits. serving's ServeConfig extends it and reads them from SMELT_* variables;
+    evaluation and the bench build one directly."""
+
+    max_batch_size: int = Field(8, ge=1, description="SMELT_MAX_BATCH_SIZE: greedy plain-strategy requests decoded together.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="SMELT_BATCH_WAIT_MS: how long the first request waits for company.")
+    max_queue: int = Field(64, ge=0, description="SMELT_MAX_QUEUE: requests waiting beyond those running; more get 429.")
+    retry_after_s: int = Field(1, ge=1, description="SMELT_RETRY_AFTER_S: the Retry-After a refused request is given.")
 
 
 class Busy(RuntimeError):
@@ -56,7 +68,7 @@ class Job:
 
 
 class Engine:
-    def __init__(self, candidate: Candidate, cfg: ServeConfig, metrics=None):
+    def __init__(self, candidate: Candidate, cfg: EngineConfig, metrics=None):
         self.candidate, self.cfg, self.metrics = candidate, cfg, metrics
         self.jobs: deque[Job] = deque()
         self.wake = threading.Condition()

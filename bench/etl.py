@@ -3,7 +3,7 @@ to a plain `pandas.read_json(lines=True)` load of the same file.
 
     uv run smelt data bench                 # 1,000,000 rows (about 1 GB), several minutes
     uv run smelt data bench --rows 20000    # a quick check
-    uv run python -m tasks.data.bench 20000 /tmp/bench
+    uv run python -m bench.etl 20000 /tmp/bench
 
 Each measured job runs in a fresh child process so its peak memory (its high-water RSS) is its
 own, not the benchmark's or the other job's. pandas only parses the file into a frame; smelt also
@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from models.settings import REPO_ROOT, smelt_home
+
 GENERATOR = "bench-chat-v3"  # bump when the generated content changes: old files are then rewritten
 DEFAULT_MAX_TOKENS = 1024  # a ~1 KB row is ~450 tokens with the embedded tokenizer; the preset's 160 would reject all
 
@@ -243,7 +244,7 @@ def job_pandas(args: dict, clock: Clock) -> dict:
 
 def job_tokenizer(args: dict, clock: Clock) -> dict:
     """Setup, not measured: build (or find) the preset's tokenizer once, outside the timed jobs."""
-    from flows.env import configure_environment
+    from models.settings import configure_environment
 
     configure_environment(Path(args["home"]))
     from tasks.config import load_config
@@ -255,7 +256,7 @@ def job_tokenizer(args: dict, clock: Clock) -> dict:
 
 
 def job_smelt(args: dict, clock: Clock) -> dict:
-    from flows.env import configure_environment
+    from models.settings import configure_environment
 
     home = Path(args["home"])
     configure_environment(home)  # only fills what the environment leaves unset
@@ -339,7 +340,7 @@ def measure_in_child(fn_name: str, args: dict, timeout: float | None = None) -> 
     resolve_job(fn_name)  # an unknown job fails here, not in the child
     with tempfile.TemporaryDirectory(prefix="smelt-bench-") as d:
         out = Path(d) / "result.json"
-        code = f"from tasks.data.bench import _child; _child({fn_name!r}, {json.dumps(args)!r}, {str(out)!r})"
+        code = f"from bench.etl import _child; _child({fn_name!r}, {json.dumps(args)!r}, {str(out)!r})"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO_ROOT, env=env, timeout=timeout)
         if proc.returncode or not out.exists():
@@ -360,7 +361,7 @@ def run_etl_benchmark(rows: int = 1_000_000, workdir: str | Path | None = None, 
     tokenizer, chat template and ETL settings, except sources (the file) and max_tokens (the
     preset's limit is far below a 1 KB row); its home is fresh every run. `profile`: a path where
     the smelt job writes cProfile stats (read them with pstats; the profiler slows the job)."""
-    workdir = Path(workdir or Path(os.environ.get("SMELT_HOME", ".smelt")) / "bench" / "etl").resolve()
+    workdir = Path(workdir or smelt_home() / "bench" / "etl").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / f"chat-{rows}-seed{seed}.jsonl"
     if bench_file_ready(path, rows, seed):
@@ -413,7 +414,7 @@ def format_table(result: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells)
 
 
-if __name__ == "__main__":  # python -m tasks.data.bench [ROWS] [WORKDIR]
+if __name__ == "__main__":  # python -m bench.etl [ROWS] [WORKDIR]
     res = run_etl_benchmark(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000, sys.argv[2] if len(sys.argv) > 2 else None)
     print(format_table(res))
     print(json.dumps(res["smelt"]["counts"]))

@@ -8,7 +8,7 @@ import sys
 import httpx
 import pytest
 
-from flows.stack import (
+from cli.stack import (
     SPECS,
     PortInUseError,
     ServiceError,
@@ -163,7 +163,7 @@ def test_commands_report_and_explain(home, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from flows import stack
+    from cli import stack
 
     app = typer.Typer()
     for command in (stack.up, stack.down, stack.status):

@@ -1,18 +1,19 @@
-"""Speed and memory measurements shared by evaluation: memory bandwidth of this machine, peak
-memory while a candidate runs, and aggregate throughput under concurrent requests."""
+"""Speed and memory measurements shared by evaluation and the bench: memory bandwidth of this machine,
+weight bytes a decode step reads, peak memory while a candidate runs, and aggregate throughput under
+concurrent requests (through the engine the service uses)."""
 from __future__ import annotations
 
 import threading
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import psutil
 import torch
 
 from models.candidate import Candidate
 from models.decoding import Generation, SamplingParams
-from serving.config import ServeConfig
-from serving.engine import Engine
+from models.engine import Engine, EngineConfig
 
 
 @lru_cache(maxsize=None)
@@ -34,6 +35,11 @@ def memory_bandwidth(device_type: str = "cpu", mib: int = 256, repeats: int = 5)
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return src.nbytes / best
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of weights a decode step reads: the model's weight files on disk."""
+    return sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
 
 
 class PeakMemory:
@@ -72,7 +78,7 @@ class PeakMemory:
 def concurrent_throughput(candidate: Candidate, prompt_texts: list[str], max_new_tokens: int, streams: int = 8) -> dict:
     """Aggregate new tokens/s when `streams` requests arrive together, served by the service's own
     engine (it batches what the candidate's strategy allows and queues the rest)."""
-    engine = Engine(candidate, ServeConfig(max_batch_size=streams, batch_wait_ms=50.0))
+    engine = Engine(candidate, EngineConfig(max_batch_size=streams, batch_wait_ms=50.0))
     try:
         texts = [prompt_texts[i % len(prompt_texts)] for i in range(streams)]
         for rnd in ("warm-up", "timed"):  # the first round pays one-off costs (a compiled candidate compiles its batch shape)

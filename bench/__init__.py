@@ -1,0 +1,1 @@
+"""Benchmarks: time the stages and the service; top-level consumers like the CLI."""

@@ -1,0 +1,1 @@
+"""`smelt` command line: Typer app, server supervisor, table rendering."""
