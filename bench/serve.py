@@ -33,6 +33,7 @@ from models.decoding import SamplingParams, generate_batch, generate_text, strat
 from models.fastgen import CompiledDecoder, Decoded
 from models.measure import memory_bandwidth, weight_bytes
 from models.quant import load_quantized
+from tasks.results import BenchRow
 
 LOOPS = ("hf", "compiled", "compiled+draft")
 FP32_LOOPS = ("compiled", "compiled+draft", "hf+draft")  # after fp32 · hf, the baseline
@@ -249,13 +250,11 @@ def log_benchmark(result: dict, run_name: str) -> str:
         tables = [("", result["rows"]), ("random.", result.get("random", {}).get("rows", []))]
         for prefix, rows in tables:
             for r in rows:
-                mlflow.log_metrics({metric_key(prefix + r["recipe"], k): float(r[k]) for k in NUMBERS if r.get(k) is not None})
+                numbers = BenchRow.model_validate(r).tracked_numbers()
+                mlflow.log_metrics({metric_key(prefix + r["recipe"], k): v for k, v in numbers.items()})
         mlflow.log_dict(result, "serve-benchmark.json")
     return run.info.run_id
 
-
-NUMBERS = ("decode_tokens_per_s", "tokens_per_s", "ttft_s", "speedup", "draft_acceptance", "weight_bytes",
-           "effective_bandwidth_gbs", "bandwidth_share", "concurrent_tokens_per_s", "concurrency_gain", "warmup_s")
 
 
 def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_new_tokens: int, streams: int,
@@ -289,13 +288,6 @@ def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_
 
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
-    """Header + one line per recipe, formatted for the terminal."""
-    def pct(x):
-        return "-" if x is None else f"{x:.0%}"
-    head = ["recipe", "decode tok/s", "x baseline", "TTFT ms", "acceptance", "weights MB", "GB/s", "% of bw",
-            "streams tok/s", "x 1 stream", "warm-up s", "same tokens"]
-    body = [[r["recipe"], f"{r['decode_tokens_per_s']:.0f}", f"{r['speedup']:.2f}", f"{r['ttft_s'] * 1000:.1f}",
-             pct(r.get("draft_acceptance")), f"{r['weight_bytes'] / 1e6:.1f}", f"{r['effective_bandwidth_gbs']:.2f}",
-             pct(r["bandwidth_share"]), f"{r['concurrent_tokens_per_s']:.0f}", f"{r['concurrency_gain']:.2f}",
-             f"{r['warmup_s']:.1f}", str(r["same_tokens_as_baseline"])] for r in rows]
-    return [head, *body]
+    """Header + one line per recipe, formatted for the terminal: the metrics BenchRow declares for the bench."""
+    typed = [BenchRow.model_validate(r) for r in rows]
+    return [["recipe", *typed[0].cells("bench")]] + [[t.recipe, *t.cells("bench").values()] for t in typed]

@@ -26,6 +26,7 @@ class Metric:
     summary: bool = False  # a column of `smelt run`'s terminal summary (a subset of the table)
     tracked: bool = True  # an MLflow metric of the candidate's run and a smelt.<key> tag on its model version
     listed: bool = False  # a column of `smelt models list`
+    bench: bool = False  # a column of `smelt bench`'s table (BenchRow)
 
     def show(self, value: Any) -> str:
         if value is None:
@@ -39,13 +40,13 @@ class Metric:
 
 # Shared with the bench's rows (bench/serve.py): one declaration, one label, one MLflow key.
 TOKENS_PER_S = Metric("tok/s", "{:.0f}", table=True, summary=True, listed=True)
-DECODE_TOKENS_PER_S = Metric("decode tok/s", "{:.0f}", table=True)
-TTFT_S = Metric("TTFT ms", "ms", table=True, summary=True)
-CONCURRENT_TOKENS_PER_S = Metric("8-stream tok/s", "{:.0f}", table=True, summary=True)
-DRAFT_ACCEPTANCE = Metric("draft accept", "{:.0%}", table=True, summary=True, listed=True)
-WEIGHT_BYTES = Metric("weights MB", "MB", table=True, summary=True)
-EFFECTIVE_BANDWIDTH_GBS = Metric("GB/s", "{:.2f}")
-BANDWIDTH_SHARE = Metric("BW share", "{:.1%}", table=True)
+DECODE_TOKENS_PER_S = Metric("decode tok/s", "{:.0f}", table=True, bench=True)
+TTFT_S = Metric("TTFT ms", "ms", table=True, summary=True, bench=True)
+CONCURRENT_TOKENS_PER_S = Metric("8-stream tok/s", "{:.0f}", table=True, summary=True, bench=True)
+DRAFT_ACCEPTANCE = Metric("draft accept", "{:.0%}", table=True, summary=True, listed=True, bench=True)
+WEIGHT_BYTES = Metric("weights MB", "MB", table=True, summary=True, bench=True)
+EFFECTIVE_BANDWIDTH_GBS = Metric("GB/s", "{:.2f}", bench=True)
+BANDWIDTH_SHARE = Metric("BW share", "{:.1%}", table=True, bench=True)
 
 
 class Result(BaseModel):
@@ -67,7 +68,7 @@ class Result(BaseModel):
         return {k: float(getattr(self, k)) for k, m in self.metrics().items() if m.tracked and getattr(self, k) is not None}
 
     def cells(self, which: str = "table") -> dict[str, str]:
-        """{label: formatted value} of the metrics flagged `which` ('table' or 'summary')."""
+        """{label: formatted value} of the metrics flagged `which` ('table', 'summary' or 'bench')."""
         return {m.label: m.show(getattr(self, k)) for k, m in self.metrics().items() if getattr(m, which)}
 
 
@@ -114,6 +115,28 @@ class EvalReport(Result):
     def recipe(self) -> str:
         """'quant/strategy', as the tables and pictures label a candidate."""
         return f"{self.quant_method}/{self.strategy}"
+
+
+class BenchRow(Result):
+    """One recipe (weight format x decode loop) timed by `smelt bench`, in the bench table's column order."""
+
+    recipe: str
+    weights: str
+    loop: str
+    decode_tokens_per_s: Annotated[float, DECODE_TOKENS_PER_S]
+    speedup: Annotated[float, Metric("x baseline", "{:.2f}", bench=True)] = 1.0
+    ttft_s: Annotated[float, TTFT_S]
+    draft_acceptance: Annotated[Optional[float], DRAFT_ACCEPTANCE] = None
+    weight_bytes: Annotated[int, WEIGHT_BYTES]
+    effective_bandwidth_gbs: Annotated[Optional[float], EFFECTIVE_BANDWIDTH_GBS] = None
+    bandwidth_share: Annotated[Optional[float], BANDWIDTH_SHARE] = None
+    concurrent_tokens_per_s: Annotated[float, CONCURRENT_TOKENS_PER_S]
+    concurrency_gain: Annotated[float, Metric("x 1 stream", "{:.2f}", bench=True)]
+    warmup_s: Annotated[float, Metric("warm-up s", "{:.1f}", bench=True)]
+    same_tokens_as_baseline: Annotated[Optional[int], Metric("same tokens", "{}", bench=True, tracked=False)] = None
+    tokens_per_s: Annotated[float, TOKENS_PER_S]
+    decode_tokens_per_s_passes: list[float] = []
+    concurrency: str = ""
 
 
 class Selection(Result):

@@ -50,3 +50,18 @@ def test_a_report_refuses_unknown_keys_and_reads_back_its_own_json():
     assert EvalReport.model_validate(r.model_dump(mode="json")) == r
     with pytest.raises(ValidationError, match="exact_matchh"):
         EvalReport.model_validate({**r.model_dump(), "exact_matchh": 1.0})
+
+
+def test_the_bench_table_shares_the_evaluation_metrics_declarations():
+    from bench.serve import table_rows
+
+    row = {"recipe": "fp32 · compiled", "weights": "fp32", "loop": "compiled", "decode_tokens_per_s": 500.0, "speedup": 3.2,
+           "ttft_s": 0.004, "draft_acceptance": None, "weight_bytes": 10_000_000, "effective_bandwidth_gbs": 5.0,
+           "bandwidth_share": 0.1, "concurrent_tokens_per_s": 900.0, "concurrency_gain": 1.8, "warmup_s": 20.0,
+           "same_tokens_as_baseline": 8, "tokens_per_s": 480.0}
+    head, cells = table_rows([row])
+    assert head == ["recipe", "decode tok/s", "x baseline", "TTFT ms", "draft accept", "weights MB", "GB/s", "BW share",
+                    "8-stream tok/s", "x 1 stream", "warm-up s", "same tokens"]
+    for key in ("decode_tokens_per_s", "ttft_s", "draft_acceptance", "weight_bytes", "bandwidth_share"):
+        assert EvalReport.metric(key).label in head  # one declaration, one label, in both tables
+    assert cells[1:4] == ["500", "3.20", "4.0"]
