@@ -3,7 +3,8 @@
 Each server runs detached in its own session, so its process group holds the server and every worker it
 spawns, and `down` stops them together. `SMELT_HOME/run/<service>.json` records what smelt started; `down`
 only ever signals a process recorded there, and only while it still runs the recorded command.
-Imports only the standard library, httpx, typer, rich and models.artifacts: Prefect and MLflow run in the child processes.
+Imports only the standard library, httpx, typer, rich, models.artifacts and models.settings: Prefect and MLflow
+run in the child processes.
 """
 from __future__ import annotations
 

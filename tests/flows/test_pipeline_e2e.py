@@ -239,7 +239,7 @@ print(json.dumps({'tag': str(b.tag), 'files': sorted(str(p.relative_to(src)) for
                   'dockerfile': (pathlib.Path(b.path) / 'env' / 'docker' / 'Dockerfile').exists()}))
 """))
     assert "serving/service.py" in info["files"] and "models/candidate.py" in info["files"]
-    assert not any(f.startswith(("flows/", "tasks/", "tests/")) for f in info["files"])
+    assert not any(f.startswith(("cli/", "flows/", "tasks/", "bench/", "tests/")) for f in info["files"])
     assert info["models"] and info["models"][0].startswith("smelt-micro-embedded:")
     assert info["dockerfile"]
 
