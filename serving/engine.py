@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from transformers import TextIteratorStreamer
 
 from models.candidate import Candidate
-from models.decoding import Generation, SamplingParams, draft_agreement
+from models.decoding import Generation, SamplingParams, draft_acceptance, encode
 from serving.config import ServeConfig
 
 ACCEPTANCE_EVERY = 8
@@ -149,6 +149,5 @@ class Engine:
         self.greedy_draft_requests += 1
         if self.greedy_draft_requests % ACCEPTANCE_EVERY != 1:
             return None
-        prompt_ids = self.candidate.tokenizer(job.prompt_text, add_special_tokens=False)["input_ids"]
-        agree, total = draft_agreement(gen.token_ids, prompt_ids, self.candidate.draft)
-        return agree / total
+        prompt_ids = encode(self.candidate.tokenizer, job.prompt_text)
+        return draft_acceptance(self.candidate.draft, [prompt_ids], [gen.token_ids])
