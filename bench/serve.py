@@ -29,8 +29,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import write_json
 from models.chat import render_context
-from models.decoding import SamplingParams, generate_batch, generate_text, strategy_kwargs
-from models.fastgen import CompiledDecoder, Decoded
+from models.candidate import decoder_for
+from models.decoding import Generation, SamplingParams, decode_rate
 from models.measure import memory_bandwidth, weight_bytes
 from models.quant import load_quantized
 from tasks.results import BenchRow
@@ -43,11 +43,10 @@ RANDOM_FORMATS = ("bf16", "torchao-int8-dyn")
 
 @dataclass
 class Setup:
-    """What every recipe shares: prompts (token ids and text), the tokenizer, the draft, the limits."""
+    """What every recipe shares: rendered prompts, the tokenizer, the draft, the limits."""
 
     tokenizer: object
     texts: list[str]
-    ids: list[list[int]]
     draft: torch.nn.Module | None
     max_new_tokens: int
     streams: int
@@ -63,40 +62,28 @@ class Recipe:
     weights: str
     loop: str
     weight_bytes: int
-    decode: Callable[[int], Decoded]
-    streams: Callable[[], list[Decoded]] | None
+    decode: Callable[[int], Generation]
+    streams: Callable[[], list[Generation]] | None
 
 
-def hf_recipe(model, setup: Setup, extra: dict) -> tuple[Callable, Callable | None]:
-    def decode(i: int) -> Decoded:
-        g = generate_text(model, setup.tokenizer, setup.texts[i], SamplingParams(setup.max_new_tokens), extra)
-        return Decoded(g.token_ids, g.first_token_s or g.seconds, g.seconds)
-
-    def streams() -> list[Decoded]:
-        n = setup.streams
-        texts = [setup.texts[i % len(setup.texts)] for i in range(n)]
-        gens = generate_batch(model, setup.tokenizer, texts, [SamplingParams(setup.max_new_tokens)] * n)
-        return [Decoded(g.token_ids, g.seconds, g.seconds) for g in gens]
-    return decode, None if extra else streams
-
-
-def compiled_recipe(model, setup: Setup, with_draft: bool) -> tuple[Callable, Callable | None]:
-    """What a candidate with `decode.compile` ships (models/candidate.py): smelt's static-cache loop."""
-    fast = CompiledDecoder(model, setup.draft if with_draft else None, setup.num_draft_tokens)
-    eos = setup.tokenizer.eos_token_id
-    ids = [setup.ids[i % len(setup.ids)] for i in range(setup.streams)]
-    return (lambda i: fast.decode(setup.ids[i], setup.max_new_tokens, eos),
-            None if with_draft else lambda: fast.decode_batch(ids, setup.max_new_tokens, eos))
+def serving_recipe(loop: str, setup: Setup) -> dict:
+    """The candidate recipe (models/candidate.py) a bench loop names: `hf` and `hf+draft` decode with
+    transformers' generate (assisted by the draft), `compiled` and `compiled+draft` with smelt's
+    compiled static-cache loop (speculative with the draft)."""
+    return {"strategy": "draft" if loop.endswith("+draft") else "plain", "compile": loop.startswith("compiled"),
+            "num_draft_tokens": setup.num_draft_tokens, "prompt_lookup_tokens": 0}
 
 
 def build_recipe(model, setup: Setup, weights: str, loop: str, wbytes: int) -> Recipe:
-    if loop == "hf":
-        fns = hf_recipe(model, setup, {})
-    elif loop == "hf+draft":
-        fns = hf_recipe(model, setup, strategy_kwargs("draft", setup.draft, setup.num_draft_tokens, 0))
-    else:
-        fns = compiled_recipe(model, setup, loop.endswith("+draft"))
-    return Recipe(f"{weights} · {loop}", weights, loop, wbytes, *fns)
+    """Time what ships: the loop comes from `decoder_for`, the function a loaded candidate decodes through."""
+    decoder = decoder_for(model, setup.tokenizer, setup.draft, serving_recipe(loop, setup))
+    params = SamplingParams(setup.max_new_tokens)
+    texts = [setup.texts[i % len(setup.texts)] for i in range(setup.streams)]
+
+    def streams() -> list[Generation]:
+        return decoder.complete_batch(texts, [params] * len(texts))
+    return Recipe(f"{weights} · {loop}", weights, loop, wbytes, lambda i: decoder.complete(setup.texts[i], params),
+                  streams if decoder.batches([params]) else None)
 
 
 def time_recipes(recipes: list[Recipe], n: int, passes: int, echo=print) -> list[dict]:
@@ -126,12 +113,7 @@ def time_recipes(recipes: list[Recipe], n: int, passes: int, echo=print) -> list
     return [summarize(r, outs[r.name], warmup[r.name], streams[r.name]) for r in recipes]
 
 
-def decode_rate(outs: list[Decoded]) -> float:
-    """New tokens after the first per second after the first token (the decode phase)."""
-    return sum(len(o.token_ids) - 1 for o in outs) / max(1e-9, sum(o.seconds - o.first_token_s for o in outs))
-
-
-def summarize(r: Recipe, passes: list[list[Decoded]], warmup: float, streams: list[float]) -> dict:
+def summarize(r: Recipe, passes: list[list[Generation]], warmup: float, streams: list[float]) -> dict:
     every = [o for p in passes for o in p]
     steady = sum(o.seconds for o in every) / len(every)
     proposed, accepted = sum(o.proposed for o in every), sum(o.accepted for o in every)
@@ -141,7 +123,7 @@ def summarize(r: Recipe, passes: list[list[Decoded]], warmup: float, streams: li
         "recipe": r.name, "weights": r.weights, "loop": r.loop,
         "decode_tokens_per_s": statistics.median(rates), "decode_tokens_per_s_passes": rates,
         "tokens_per_s": statistics.median(totals),
-        "ttft_s": statistics.median(o.first_token_s for o in every),
+        "ttft_s": statistics.median(o.seconds if o.first_token_s is None else o.first_token_s for o in every),
         "warmup_s": max(0.0, warmup - steady),
         "draft_acceptance": accepted / proposed if proposed else None,
         "token_ids": [o.token_ids for o in passes[0]],
@@ -164,8 +146,7 @@ def bench_candidates(weights: dict[str, Path], draft_dir: Path | None, prompts: 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(weights["none"])
     texts = [render_context(tokenizer, p) for p in prompts]
-    setup = Setup(tokenizer, texts, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
-                  AutoModelForCausalLM.from_pretrained(draft_dir, use_safetensors=True).eval() if draft_dir else None,
+    setup = Setup(tokenizer, texts, AutoModelForCausalLM.from_pretrained(draft_dir, use_safetensors=True).eval() if draft_dir else None,
                   max_new_tokens, streams, num_draft_tokens)
     bandwidth = memory_bandwidth("cpu")
     echo(f"memory read bandwidth (sum over 256 MiB): {bandwidth / 1e9:.1f} GB/s")

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.artifacts import Artifact, read_json, write_json
 from models.chat import render_context
 from models.config import DecodeConfig
-from models.decoding import Generation, SamplingParams, draft_agreement, finish, generate_batch, generate_text, strategy_kwargs
-from models.fastgen import CompiledDecoder, cut
+from models.decoding import Decoder, GenerateDecoder, Generation, Preferring, SamplingParams, draft_acceptance, encode, strategy_kwargs
+from models.fastgen import CompiledDecoder
 from models.quant import load_quantized, quant_method
 
 RECIPE = "recipe.json"
@@ -67,7 +67,7 @@ class Candidate:
     tokenizer: object
     draft: torch.nn.Module | None
     recipe: dict
-    fast: CompiledDecoder | None = None  # recipe 'compile': smelt's compiled static-cache loop (models/fastgen.py)
+    decoder: Decoder  # `decoder_for(...)`: how this recipe decodes
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int | None = None) -> Generation:
         """Answer a user prompt (or a conversation so far), rendered with the chat template stored at
@@ -76,42 +76,16 @@ class Candidate:
 
     def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
         """Continue already-rendered text with this candidate's decoding strategy."""
-        if self.compiled_for(params):
-            return self.complete_compiled(prompt_text, params, streamer)
-        extra = strategy_kwargs(self.recipe["strategy"], self.draft, self.recipe["num_draft_tokens"],
-                                self.recipe["prompt_lookup_tokens"])
-        return generate_text(self.model, self.tokenizer, prompt_text, params, extra, streamer)
-
-    def compiled_for(self, params: SamplingParams) -> bool:
-        """The compiled loop serves greedy requests without stop strings (it has no sampler and no stop
-        check); others, and the prompt-lookup strategy, go through transformers' generate."""
-        return self.fast is not None and params.temperature <= 0 and not params.stop
-
-    def complete_compiled(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
-        ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        on_token = None
-        if streamer is not None:  # the transformers streamer protocol: the prompt first, then each new token
-            streamer.put(torch.tensor([ids]))
-            on_token = lambda t: streamer.put(torch.tensor([t]))  # noqa: E731
-        out = self.fast.decode(ids, params.max_new_tokens, self.tokenizer.eos_token_id, on_token)
-        if streamer is not None:
-            streamer.end()
-        return finish(self.tokenizer, out.token_ids, params, out.seconds, len(ids), out.first_token_s)
+        return self.decoder.complete(prompt_text, params, streamer)
 
     def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
         """Several greedy requests in one forward per step; only the plain strategy batches."""
         if not self.batchable(params):
             raise ValueError("only greedy requests of a plain-strategy candidate can be batched")
-        if not all(self.compiled_for(p) for p in params):
-            return generate_batch(self.model, self.tokenizer, prompt_texts, params)
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
-        outs = self.fast.decode_batch(ids, max(p.max_new_tokens for p in params), self.tokenizer.eos_token_id)
-        return [finish(self.tokenizer, cut(o.token_ids, p.max_new_tokens, self.tokenizer.eos_token_id), p, o.seconds,
-                       len(i), o.first_token_s) for o, p, i in zip(outs, params, ids)]
+        return self.decoder.complete_batch(prompt_texts, params)
 
     def batchable(self, params: list[SamplingParams]) -> bool:
-        # transformers' assisted generation runs at batch size 1 only (shared FACTS.md).
-        return self.recipe["strategy"] == "plain" and all(p.temperature <= 0 for p in params)
+        return self.decoder.batches(params)
 
     @property
     def context_length(self) -> int:
@@ -121,22 +95,32 @@ class Candidate:
         """Share of the target's greedy tokens the draft agrees with (None without a draft)."""
         if self.draft is None:
             return None
-        agree = total = 0
-        for prompt, out in zip(prompts, outputs):
-            prompt_ids = self.tokenizer(render_context(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
-            a, t = draft_agreement(out.token_ids, prompt_ids, self.draft)
-            agree, total = agree + a, total + t
-        return agree / total if total else None
+        prompt_ids = [encode(self.tokenizer, render_context(self.tokenizer, p)) for p in prompts]
+        return draft_acceptance(self.draft, prompt_ids, [o.token_ids for o in outputs])
+
+
+def decoder_for(model, tokenizer, draft, recipe: dict) -> Decoder:
+    """The decode loop a recipe ships (serving, evaluation and `smelt bench` all decode through it).
+
+    transformers' generate with the strategy's arguments serves every request; with `compile`, smelt's
+    compiled static-cache loop (speculative with the draft) serves the greedy requests it can, and
+    prompt lookup stays on generate (the compiled loop has no n-gram proposer).
+    """
+    strategy = recipe["strategy"]
+    generate = GenerateDecoder(model, tokenizer, strategy_kwargs(strategy, draft, recipe["num_draft_tokens"],
+                                                                   recipe["prompt_lookup_tokens"]))
+    if not recipe.get("compile") or strategy not in ("plain", "draft"):
+        return generate
+    fast = CompiledDecoder(model, tokenizer, draft if strategy == "draft" else None, recipe["num_draft_tokens"])
+    return Preferring(fast, generate)
 
 
 def load_candidate(path: Path, device: torch.device) -> Candidate:
     path = Path(path)
     recipe = read_json(path / RECIPE)
     model = load_quantized(path / "model", device)
+    tokenizer = AutoTokenizer.from_pretrained(path / "model")
     draft = None
     if (path / "draft").exists():
         draft = AutoModelForCausalLM.from_pretrained(path / "draft", use_safetensors=True).to(device).eval()
-    fast = None
-    if recipe.get("compile") and recipe["strategy"] in ("plain", "draft"):
-        fast = CompiledDecoder(model, draft if recipe["strategy"] == "draft" else None, recipe["num_draft_tokens"])
-    return Candidate(model, AutoTokenizer.from_pretrained(path / "model"), draft, recipe, fast)
+    return Candidate(model, tokenizer, draft, recipe, decoder_for(model, tokenizer, draft, recipe))

@@ -7,24 +7,40 @@ OpenAI-compatible API. Strategies (all lossless under greedy decoding: they chan
                  them in one forward and keeps the longest agreeing prefix plus its own next token
   prompt-lookup  like draft, but proposals are n-gram continuations copied from the prompt
 transformers' assisted generation implements both at batch size 1 (see shared FACTS.md).
+
+Every decode loop (transformers' generate here, smelt's compiled static-cache loops in
+models/fastgen.py, greedy or speculative, one prompt or a batch) returns a `Generation`, and sits
+behind one `Decoder` interface that a candidate (models/candidate.py) dispatches through.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 
 @dataclass
 class Generation:
-    text: str
-    new_tokens: int
-    seconds: float
+    """New token ids (EOS included when reached), their text, and how the loop got them."""
+
     token_ids: list[int]
+    seconds: float
+    first_token_s: float | None = None
+    text: str = ""  # filled by `finish`; the compiled loops work on ids alone
     prompt_tokens: int = 0
     finish_reason: str = "length"  # "stop": end of turn or a stop string; "length": hit max_new_tokens
-    first_token_s: float | None = None
+    proposed: int = 0  # draft tokens proposed (smelt's speculative loop only)
+    accepted: int = 0  # of those, how many the target kept
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
 
 
 @dataclass
@@ -79,6 +95,73 @@ def strategy_kwargs(strategy: str, draft, num_draft_tokens: int, prompt_lookup_t
     raise ValueError(f"unknown decoding strategy {strategy!r}")
 
 
+class Decoder(Protocol):
+    """A decode loop behind a candidate: transformers' generate (plain, assisted by a draft or by
+    prompt lookup) or smelt's compiled static-cache loop (greedy or speculative, one prompt or a batch)."""
+
+    def accepts(self, params: SamplingParams) -> bool:
+        """Whether this loop can serve a request with these settings."""
+
+    def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
+        """Continue already-rendered text; `streamer` follows transformers' protocol (prompt, then each token)."""
+
+    def batches(self, params: list[SamplingParams]) -> bool:
+        """Whether these requests can be decoded together in one batch by this loop."""
+
+    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
+        """Several requests for which `batches` holds, one forward per step for all of them."""
+
+
+@dataclass
+class GenerateDecoder:
+    """transformers' `generate`, with the strategy's keyword arguments (assistant model, prompt lookup):
+    serves every request. Its assisted generation runs at batch size 1 only (shared FACTS.md)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    extra: dict = field(default_factory=dict)
+
+    def accepts(self, params: SamplingParams) -> bool:
+        return True
+
+    def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
+        return generate_text(self.model, self.tokenizer, prompt_text, params, self.extra, streamer)
+
+    def batches(self, params: list[SamplingParams]) -> bool:
+        return not self.extra and all(p.temperature <= 0 for p in params)
+
+    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
+        return generate_batch(self.model, self.tokenizer, prompt_texts, params)
+
+
+@dataclass
+class Preferring:
+    """A fast decoder for the requests it accepts, and another (that accepts all) for the rest."""
+
+    fast: Decoder
+    rest: Decoder
+
+    def accepts(self, params: SamplingParams) -> bool:
+        return True
+
+    def pick(self, params: list[SamplingParams]) -> Decoder:
+        return self.fast if all(self.fast.accepts(p) for p in params) else self.rest
+
+    def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
+        return self.pick([params]).complete(prompt_text, params, streamer)
+
+    def batches(self, params: list[SamplingParams]) -> bool:
+        return self.pick(params).batches(params)
+
+    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
+        return self.pick(params).complete_batch(prompt_texts, params)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of already-rendered text (the chat template wrote its special tokens)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @torch.inference_mode()
 def generate_text(model, tokenizer, prompt_text: str, params: SamplingParams, extra: dict, streamer=None) -> Generation:
     """Decode a rendered prompt (greedy unless `params` say otherwise); the completion without the prompt."""
@@ -91,37 +174,51 @@ def generate_text(model, tokenizer, prompt_text: str, params: SamplingParams, ex
     out = model.generate(**enc, max_new_tokens=params.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, streamer=timer, **params.generate_kwargs(), **stop_kwargs, **extra)
     seconds = time.perf_counter() - t0
-    new = out[0, enc["input_ids"].shape[1]:].tolist()  # [new_tokens]
-    return finish(tokenizer, new, params, seconds, enc["input_ids"].shape[1], getattr(timer, "first", None))
+    prompt = enc["input_ids"].shape[1]
+    gen = Generation(out[0, prompt:].tolist(), seconds, getattr(timer, "first", None), prompt_tokens=prompt)
+    return finish(tokenizer, gen, params)
 
 
-def finish(tokenizer, new: list[int], params: SamplingParams, seconds: float, prompt_tokens: int,
-           first_token_s: float | None) -> Generation:
-    """Decode new token ids into a Generation, cutting at a stop string and naming why it ended."""
+def finish(tokenizer, gen: Generation, params: SamplingParams) -> Generation:
+    """The generation with its text (cut at a stop string) and the reason it ended."""
+    new = gen.token_ids
     ended = bool(new) and new[-1] == tokenizer.eos_token_id
     text, stopped = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), params.stop)
     reason = "stop" if ended or stopped or len(new) < params.max_new_tokens else "length"
-    return Generation(text.strip(), len(new), seconds, new, prompt_tokens, reason, first_token_s)
+    gen.text, gen.finish_reason = text.strip(), reason
+    return gen
+
+
+def cut(tokens: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
+    """The first `max_new_tokens`, ending at (and keeping) the first EOS: under greedy decoding a row's
+    first n tokens do not depend on how many come after, and what follows EOS in a batch is padding."""
+    tokens = tokens[:max_new_tokens]
+    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
-    """Greedy-decode several rendered prompts in one left-padded batch (plain strategy only).
-
-    Runs to the longest max_new_tokens asked for and cuts each row to its own: under greedy
-    decoding a row's first n tokens do not depend on how many come after.
-    """
+    """Greedy-decode several rendered prompts in one left-padded batch with transformers' generate
+    (the plain strategy; training's distillation uses it too). Runs to the longest max_new_tokens
+    asked for and cuts each row to its own."""
     # left padding for this call only: the tokenizer is shared with single-request decoding
     enc = tokenizer(prompt_texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
     t0 = time.perf_counter()
     out = model.generate(**enc, max_new_tokens=max(p.max_new_tokens for p in params), do_sample=False,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - t0
-    gens = []
-    for row, p, mask in zip(out[:, enc["input_ids"].shape[1]:].tolist(), params, enc["attention_mask"]):  # row: [new]
-        new = row[: p.max_new_tokens]
-        if tokenizer.eos_token_id in new:  # finished rows are padded after their end-of-turn token
-            new = new[: new.index(tokenizer.eos_token_id) + 1]
-        gens.append(finish(tokenizer, new, p, seconds, int(mask.sum()), None))
-    return gens
+    rows = out[:, enc["input_ids"].shape[1]:].tolist()  # [batch, new]
+    return [finish(tokenizer, Generation(cut(row, p.max_new_tokens, tokenizer.eos_token_id), seconds,
+                                         prompt_tokens=int(mask.sum())), p)
+            for row, p, mask in zip(rows, params, enc["attention_mask"])]
+
+
+def decode_rate(gens: list[Generation]) -> float | None:
+    """Decode tokens/s, leaving out the prefill: tokens after the first over the time after the first
+    (generations without a first-token time or with a single token say nothing about it)."""
+    timed = [g for g in gens if g.first_token_s is not None and g.new_tokens > 1]
+    seconds = sum(g.seconds - g.first_token_s for g in timed)
+    return sum(g.new_tokens - 1 for g in timed) / seconds if seconds > 0 else None
 
 
 @torch.inference_mode()
@@ -138,3 +235,14 @@ def draft_agreement(target_ids: list[int], prompt_ids: list[int], draft) -> tupl
     logits = draft(ids).logits[0, len(prompt_ids) - 1: -1]  # [new, vocab]: predictions for each new token
     guesses = logits.argmax(-1).tolist()
     return sum(g == t for g, t in zip(guesses, target_ids)), len(target_ids)
+
+
+def draft_acceptance(draft, prompts: list[list[int]], targets: list[list[int]]) -> float | None:
+    """The draft's acceptance rate over prompts (token ids) and the target's greedy tokens after each:
+    agreeing positions over all positions (None when there are none). Evaluation, training's
+    distillation and the server's sampled metric all measure it here."""
+    agree = total = 0
+    for prompt_ids, target_ids in zip(prompts, targets):
+        a, t = draft_agreement(target_ids, prompt_ids, draft)
+        agree, total = agree + a, total + t
+    return agree / total if total else None

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from models.candidate import Candidate
 from models.config import StrictModel
-from models.decoding import Generation, SamplingParams, draft_agreement
+from models.decoding import Generation, SamplingParams, draft_acceptance, encode
 
 ACCEPTANCE_EVERY = 8
 
@@ -161,6 +161,5 @@ class Engine:
         self.greedy_draft_requests += 1
         if self.greedy_draft_requests % ACCEPTANCE_EVERY != 1:
             return None
-        prompt_ids = self.candidate.tokenizer(job.prompt_text, add_special_tokens=False)["input_ids"]
-        agree, total = draft_agreement(gen.token_ids, prompt_ids, self.candidate.draft)
-        return agree / total
+        prompt_ids = encode(self.candidate.tokenizer, job.prompt_text)
+        return draft_acceptance(self.candidate.draft, [prompt_ids], [gen.token_ids])

@@ -15,26 +15,12 @@ import atexit
 import functools
 import gc
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import StaticCache
 
-
-@dataclass
-class Decoded:
-    """New token ids (EOS included when reached) and how the loop got them."""
-
-    token_ids: list[int]
-    first_token_s: float
-    seconds: float
-    proposed: int = 0  # draft tokens proposed (speculative decoding only)
-    accepted: int = 0  # of those, how many the target kept
-
-    @property
-    def acceptance(self) -> float | None:
-        return self.accepted / self.proposed if self.proposed else None
+from models.decoding import Generation, SamplingParams, cut, encode, finish
+from models.kvcache import SlotCache
 
 
 SMALL_M = 8  # rows up to which a CPU matmul becomes inductor's own loop (decode steps, verify, batches <= 8)
@@ -84,21 +70,22 @@ def compile_step(fn):
     return torch.compile(fn, dynamic=False, backend=inductor_small_matmul)
 
 
-class StaticRunner:
-    """One model, a batch-1 static KV cache of `max_len` positions, and its forward (compiled or not).
+class Runner:
+    """A model, the static KV cache it owns (`SlotCache`: `batch` rows of `max_len` slots), and its step.
 
-    Prefill runs eagerly (prompt lengths vary and would recompile); decode and verify steps have
-    fixed shapes ([1, 1] and [1, k + 1]) and run through `torch.compile` when asked. Steps return
-    the greedy token after each input position, so the argmax is inside the compiled graph too.
+    Rows are prompts left-padded to one width, so every row writes the same cache slot at each
+    step and a step's shapes never change: [batch, n] ids, one [batch, max_len] padding mask
+    (none at batch 1, where nothing is padded). A row's positions count from its own first token.
+    Prefill runs eagerly (prompt lengths vary and would recompile); decode ([batch, 1]), verify
+    ([1, k + 1]) and propose steps run through `torch.compile` when asked. Steps return the greedy
+    token after each input position, so the argmax is inside the compiled graph too.
     """
 
-    def __init__(self, model, max_len: int, compile: bool = False):
-        self.model = model
-        self.max_len = max_len
-        self.compiled = compile
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        if odd := {type(layer).__name__ for layer in self.cache.layers if not hasattr(layer, "cumulative_length")}:
-            raise ValueError(f"smelt's static decode loop cannot move the write position of cache layers {sorted(odd)}")
+    def __init__(self, model, max_len: int, batch: int = 1, compile: bool = False):
+        self.model, self.max_len, self.batch, self.compiled = model, max_len, batch, compile
+        self.cache = SlotCache(model.config, max_len)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=self.device)  # [batch]: each row's left padding
+        self.mask = torch.ones(batch, max_len, dtype=torch.long, device=self.device) if batch > 1 else None
         self._step = compile_step(self.next_tokens) if compile else self.next_tokens
         self._propose = compile_step(self.propose_tokens) if compile else self.propose_tokens
         self.warm: set[tuple] = set()
@@ -107,31 +94,25 @@ class StaticRunner:
     def device(self) -> torch.device:
         return self.model.device
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """ids [1, n] written at cache slots `positions` [n]; returns logits [1, n, vocab]."""
-        return self.model(input_ids=ids, position_ids=positions.unsqueeze(0), cache_position=positions,
-                          past_key_values=self.cache, use_cache=True).logits
+    def forward(self, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """ids [batch, n] written at cache slots start.. (start: a 0-d tensor, so its value never
+        recompiles); logits [batch, n, vocab]."""
+        slots = torch.arange(ids.shape[1], device=ids.device) + start  # [n]
+        positions = (slots - self.pad[:, None]).clamp(min=0)  # [batch, n]; padding sits at 0, masked
+        return self.model(input_ids=ids, position_ids=positions, attention_mask=self.mask,
+                          past_key_values=self.cache.at(slots), use_cache=True).logits
 
     def next_tokens(self, ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """ids [1, n] written at slots start.. (start: a 0-d tensor, so its value never recompiles);
-        returns the greedy token after each position [n].
-
-        transformers' static cache layers write at their own running length and ignore
-        `cache_position` (which only shapes the attention mask), so the write pointer is set here:
-        after a speculative round that kept fewer tokens than it wrote, it must move back.
-        """
-        for layer in self.cache.layers:
-            layer.cumulative_length.copy_(start)
-        positions = torch.arange(ids.shape[1], device=ids.device) + start  # [n]
-        return self.forward(ids, positions)[0].argmax(-1)
+        """ids [batch, n] at slots start..; the greedy token after each position [batch, n]."""
+        return self.forward(ids, start).argmax(-1)
 
     def propose_tokens(self, last: torch.Tensor, start: torch.Tensor, k: int) -> torch.Tensor:
-        """k greedy tokens after `last` [1, 1] (written at `start`), one step each, in one graph; [k]."""
+        """k greedy tokens after `last` [batch, 1] (written at `start`), one step each, in one graph; [batch, k]."""
         guesses = []
         for i in range(k):
-            last = self.next_tokens(last, start + i).unsqueeze(0)  # [1, 1]
-            guesses.append(last[0])
-        return torch.cat(guesses)
+            last = self.next_tokens(last, start + i)  # [batch, 1]
+            guesses.append(last)
+        return torch.cat(guesses, dim=1)
 
     def call(self, fn, *args):
         """Run a step; once a shape has compiled, skip re-checking dynamo's guards on every call.
@@ -147,54 +128,58 @@ class StaticRunner:
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             return fn(*args)
 
-    def prefill(self, prompt_ids: list[int]) -> int:
-        """Reset the cache and run the prompt; the greedy token after it."""
-        if not prompt_ids:
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Clear the cache and run up to `batch` prompts, left-padded to the longest; the greedy token
+        after each row [batch]. Rows past the prompts repeat the first (their tokens are dropped)."""
+        if not 0 < len(prompts) <= self.batch:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch}")
+        if not all(prompts):
             raise ValueError("the prompt has no tokens")
+        rows = prompts + [prompts[0]] * (self.batch - len(prompts))
+        width = max(map(len, rows))
+        ids = torch.zeros(self.batch, width, dtype=torch.long, device=self.device)  # [batch, width]
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, device=self.device)
+        self.pad.copy_(torch.tensor([width - len(r) for r in rows], device=self.device))
+        if self.mask is not None:
+            self.mask.copy_(torch.arange(self.max_len, device=self.device)[None] >= self.pad[:, None])
         self.cache.reset()
-        ids = torch.tensor([prompt_ids], device=self.device)  # [1, prompt]
-        return int(self.forward(ids, torch.arange(len(prompt_ids), device=self.device))[0, -1].argmax())
+        return self.forward(ids, torch.tensor(0, device=self.device))[:, -1].argmax(-1)
 
-    def run(self, token_ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Feed tokens [n] at positions start.. (a fixed-shape step); the greedy token after each [n]."""
-        return self.call(self._step, token_ids.view(1, -1), torch.tensor(start, device=self.device))
+    def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed ids [batch, n] at slots start.. (a fixed-shape step); the greedy token after each [batch, n]."""
+        return self.call(self._step, ids, torch.tensor(start, device=self.device))
 
-    def propose(self, last: int, start: int, k: int) -> torch.Tensor:
-        """The draft's k greedy guesses after token `last` at position `start` [k]."""
-        return self.call(self._propose, torch.tensor([[last]], device=self.device), torch.tensor(start, device=self.device), k)
+    def propose(self, last: torch.Tensor, start: int, k: int) -> torch.Tensor:
+        """The k greedy guesses after `last` [batch, 1] at slot `start`, in one step [batch, k]."""
+        return self.call(self._propose, last, torch.tensor(start, device=self.device), k)
 
 
-def check_room(runner: StaticRunner, prompt_len: int, max_new_tokens: int, lookahead: int = 0) -> None:
+def check_room(runner: Runner, prompt_len: int, max_new_tokens: int, lookahead: int = 0) -> None:
     need = prompt_len + max_new_tokens + lookahead
     if need > runner.max_len:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) + lookahead ({lookahead}) "
                          f"needs {need} cache positions; the static cache has {runner.max_len}")
 
 
-def cut(tokens: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
-    """The first `max_new_tokens`, ending at (and keeping) the first EOS."""
-    tokens = tokens[:max_new_tokens]
-    return tokens[: tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens
-
-
 @torch.inference_mode()
-def greedy_decode(runner: StaticRunner, prompt_ids: list[int], max_new_tokens: int, eos: int | None,
-                  on_token: Callable[[int], None] | None = None) -> Decoded:
+def greedy_decode(runner: Runner, prompt_ids: list[int], max_new_tokens: int, eos: int | None,
+                  on_token: Callable[[int], None] | None = None) -> Generation:
     """One target forward per new token, each a compiled [1, 1] step. `on_token` sees each new token
     as it is decided (for streaming)."""
     check_room(runner, len(prompt_ids), max_new_tokens)
     t0 = time.perf_counter()
-    out = [runner.prefill(prompt_ids)]
+    nxt = runner.prefill([prompt_ids])[:, None]  # [1, 1]
     first = time.perf_counter() - t0
+    out = [int(nxt)]
     emit(on_token, out)
-    nxt = torch.tensor(out, device=runner.device)  # [1]
-    pos = len(prompt_ids)  # the position of out[-1], not yet in the cache
+    pos = len(prompt_ids)  # the slot of out[-1], not yet in the cache
     while len(out) < max_new_tokens and out[-1] != eos:
         nxt = runner.run(nxt, pos)
         out.append(int(nxt))
         emit(on_token, out[-1:])
         pos += 1
-    return Decoded(cut(out, max_new_tokens, eos), first, time.perf_counter() - t0)
+    return Generation(cut(out, max_new_tokens, eos), time.perf_counter() - t0, first, prompt_tokens=len(prompt_ids))
 
 
 def emit(on_token: Callable[[int], None] | None, tokens: list[int]) -> None:
@@ -204,34 +189,34 @@ def emit(on_token: Callable[[int], None] | None, tokens: list[int]) -> None:
 
 
 @torch.inference_mode()
-def speculative_decode(target: StaticRunner, draft: StaticRunner, prompt_ids: list[int], max_new_tokens: int,
-                       eos: int | None, k: int, on_token: Callable[[int], None] | None = None) -> Decoded:
+def speculative_decode(target: Runner, draft: Runner, prompt_ids: list[int], max_new_tokens: int,
+                       eos: int | None, k: int, on_token: Callable[[int], None] | None = None) -> Generation:
     """Greedy speculative decoding: the draft proposes `k` tokens one by one, the target checks them
     all in one [1, k + 1] forward and keeps the longest prefix equal to its own greedy choices, plus
     its own next token. Output = the target's greedy output, whatever the draft proposes.
 
-    Both caches stay consistent without copying: slots past the accepted prefix hold stale keys,
-    but attention only reads slots at or before the query's position, and the next round writes
-    over them (`run` moves the write pointer back to the first rejected slot).
+    Both caches stay consistent without copying: each forward writes at the slots it is given, so
+    slots past the accepted prefix hold stale keys that attention never reads (it reads slots at or
+    before the query's), and the next round starts writing at the first rejected slot.
     """
     check_room(target, len(prompt_ids), max_new_tokens, k + 1)
     check_room(draft, len(prompt_ids), max_new_tokens, k + 1)
     t0 = time.perf_counter()
-    out = [target.prefill(prompt_ids)]
+    out = [int(target.prefill([prompt_ids])[0])]
     first = time.perf_counter() - t0
     emit(on_token, out)
-    draft.prefill(prompt_ids)
-    pos, proposed, accepted = len(prompt_ids), 0, 0  # pos: position of out[-1], in neither cache yet
+    draft.prefill([prompt_ids])
+    pos, proposed, accepted = len(prompt_ids), 0, 0  # pos: slot of out[-1], in neither cache yet
     while len(out) < max_new_tokens and out[-1] != eos:
-        proposal = draft.propose(out[-1], pos, k)  # [k]: the draft wrote out[-1], g1..g(k-1) at pos..pos+k-1
-        last = torch.tensor(out[-1:], device=target.device)
-        choices = target.run(torch.cat([last, proposal]), pos).tolist()  # [k + 1]: target's token after each
-        guesses = proposal.tolist()
+        last = torch.tensor([out[-1:]], device=target.device)  # [1, 1]
+        proposal = draft.propose(last, pos, k)  # [1, k]: the draft wrote out[-1], g1..g(k-1) at pos..pos+k-1
+        choices = target.run(torch.cat([last, proposal], dim=1), pos)[0].tolist()  # [k + 1]: target's token after each
+        guesses = proposal[0].tolist()
         n = 0
         while n < k and guesses[n] == choices[n]:
             n += 1
         if n == k:  # all kept: the draft never wrote its last guess into its cache
-            draft.run(proposal[-1:], pos + k)
+            draft.run(proposal[0, -1:].view(1, 1), pos + k)  # a [1, 1] view with the strides its step compiled for
         new = cut(guesses[:n] + [choices[n]], max_new_tokens - len(out), eos)
         out += new
         emit(on_token, new)
@@ -239,67 +224,31 @@ def speculative_decode(target: StaticRunner, draft: StaticRunner, prompt_ids: li
         proposed, accepted = proposed + k, accepted + n
         if eos in new:
             break
-    return Decoded(cut(out, max_new_tokens, eos), first, time.perf_counter() - t0, proposed, accepted)
-
-
-class BatchRunner(StaticRunner):
-    """A static cache for `batch` rows decoded together; prompts are left-padded, and one padding mask
-    as long as the cache keeps every step's shapes fixed ([batch, 1] ids, [batch, max_len] mask)."""
-
-    def __init__(self, model, batch: int, max_len: int, compile: bool = False):
-        super().__init__(model, max_len, compile)
-        self._propose = None  # speculative decoding is batch-1: no draft runs in a batch
-        self.batch = batch
-        self.mask = torch.ones(batch, max_len, dtype=torch.long, device=self.device)  # [batch, max_len]
-
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """ids [batch, n] at per-row positions [batch, n], cache slots [n]; logits [batch, n, vocab]."""
-        return self.model(input_ids=ids, position_ids=positions, cache_position=slots, attention_mask=self.mask,
-                          past_key_values=self.cache, use_cache=True).logits
-
-    def next_tokens(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """One new token per row, ids [batch, 1] at per-row positions [batch, 1], cache slot [1]
-        (the same for every row: they are left-padded to one width); the greedy token after it [batch]."""
-        return self.forward(ids, positions, slot)[:, -1].argmax(-1)
-
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """`next_tokens` through the compiled step (see `next_tokens` for shapes)."""
-        return self.call(self._step, ids, positions, slot)
+    return Generation(cut(out, max_new_tokens, eos), time.perf_counter() - t0, first, prompt_tokens=len(prompt_ids),
+                      proposed=proposed, accepted=accepted)
 
 
 @torch.inference_mode()
-def greedy_decode_batch(runner: BatchRunner, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Decoded]:
+def greedy_decode_batch(runner: Runner, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Generation]:
     """Greedy-decode up to `runner.batch` prompts together: one compiled [batch, 1] step per new token
-    for all rows. Returns one Decoded per prompt (its own tokens, cut at its EOS)."""
-    if not 0 < len(prompts) <= runner.batch:
-        raise ValueError(f"{len(prompts)} prompts for a batch of {runner.batch}")
-    width = max(map(len, prompts))
+    for all rows. Returns one Generation per prompt (its own tokens, cut at its EOS)."""
+    width = max(map(len, prompts), default=0)
     check_room(runner, width, max_new_tokens)
-    rows = prompts + [prompts[0]] * (runner.batch - len(prompts))  # fill the fixed batch; extra rows are dropped
-    device, t0 = runner.device, time.perf_counter()
-    runner.cache.reset()
-    ids = torch.zeros(runner.batch, width, dtype=torch.long, device=device)  # [batch, width], left-padded
-    runner.mask.fill_(1)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, device=device)
-        runner.mask[i, : width - len(r)] = 0
-    lengths = torch.tensor([len(r) for r in rows], device=device)  # [batch]
-    positions = (runner.mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # [batch, width]: each row counts from 0
-    slots = torch.arange(width, device=device)
-    nxt = runner.forward(ids, positions, slots)[:, -1].argmax(-1)  # [batch]
+    t0 = time.perf_counter()
+    nxt = runner.prefill(prompts)[:, None]  # [batch, 1]
     first = time.perf_counter() - t0
     out = [nxt]
-    ended = nxt == (eos if eos is not None else -1)  # [batch]: rows that have emitted EOS
+    ended = nxt == (eos if eos is not None else -1)  # [batch, 1]: rows that have emitted EOS
     for t in range(1, max_new_tokens):
         if bool(ended.all()):
             break
-        slot = torch.tensor([width + t - 1], device=device)
-        nxt = runner.step(nxt[:, None], (lengths + t - 1)[:, None], slot)
+        nxt = runner.run(nxt, width + t - 1)
         out.append(nxt)
         ended |= nxt == (eos if eos is not None else -1)
     seconds = time.perf_counter() - t0
-    tokens = torch.stack(out, 1).tolist()  # [batch, new]
-    return [Decoded(cut(tokens[i], max_new_tokens, eos), first, seconds) for i in range(len(prompts))]
+    tokens = torch.cat(out, 1).tolist()  # [batch, new]
+    return [Generation(cut(tokens[i], max_new_tokens, eos), seconds, first, prompt_tokens=len(p))
+            for i, p in enumerate(prompts)]
 
 
 def settle_garbage_collector() -> None:
@@ -322,17 +271,20 @@ def unfreeze_at_exit() -> None:
 
 
 class CompiledDecoder:
-    """What a compiled candidate decodes with: static-cache runners for the target (and its draft),
-    built on first use per cache size (prompt + new tokens, rounded up to `bucket` positions) and
-    per batch size (rounded up to a power of two). Each runner compiles its few shapes as it is
-    built, so a request never waits on a compile halfway through its tokens."""
+    """smelt's compiled static-cache loop as a `Decoder` (models/decoding.py): greedy requests without
+    stop strings (it has no sampler and no stop check), speculative with a draft, batched without one.
 
-    def __init__(self, model, draft=None, num_draft_tokens: int = 4, bucket: int = 256):
-        self.model, self.draft, self.k, self.bucket = model, draft, num_draft_tokens, bucket
-        self.runners: dict[tuple[str, int, int], StaticRunner] = {}
+    Runners for the target (and its draft) are built on first use per cache size (prompt + new
+    tokens, rounded up to `bucket` slots) and per batch size (rounded up to a power of two). Each
+    runner compiles its few shapes as it is built, so a request never waits on a compile halfway
+    through its tokens."""
 
-    def runner(self, role: str, batch: int, need: int) -> StaticRunner:
-        """role 'target' or 'draft'; batch 0 for the batch-1 runner (speculative decoding needs it)."""
+    def __init__(self, model, tokenizer, draft=None, num_draft_tokens: int = 4, bucket: int = 256):
+        self.model, self.tokenizer, self.draft, self.k, self.bucket = model, tokenizer, draft, num_draft_tokens, bucket
+        self.runners: dict[tuple[str, int, int], Runner] = {}
+
+    def runner(self, role: str, batch: int, need: int) -> Runner:
+        """role 'target' or 'draft'; batch 1 for speculative decoding."""
         key = (role, batch, -(-need // self.bucket) * self.bucket)
         if key not in self.runners:
             self.runners[key] = self.build(*key)
@@ -340,35 +292,57 @@ class CompiledDecoder:
         return self.runners[key]
 
     @torch.inference_mode()
-    def build(self, role: str, batch: int, length: int) -> StaticRunner:
-        model = self.model if role == "target" else self.draft
-        if batch:
-            runner = BatchRunner(model, batch, length, compile=True)
-            greedy_decode_batch(runner, [[0]], 2, None)  # compiles the [batch, 1] step
-            return runner
-        runner = StaticRunner(model, length, compile=True)
-        runner.prefill([0])
-        runner.run(torch.zeros(1, dtype=torch.long, device=runner.device), 1)  # [1, 1] step
-        if self.draft is not None and role == "target":
-            runner.run(torch.zeros(self.k + 1, dtype=torch.long, device=runner.device), 1)  # [1, k + 1] verify
+    def build(self, role: str, batch: int, length: int) -> Runner:
+        """A runner with its steps compiled: decode [batch, 1], and at batch 1 with a draft the target's
+        verify [1, k + 1] or the draft's k proposals."""
+        runner = Runner(self.model if role == "target" else self.draft, length, batch, compile=True)
+        nxt = runner.prefill([[0]])[:, None]  # [batch, 1]
+        runner.run(nxt, 1)
+        if self.draft is not None and batch == 1 and role == "target":
+            runner.run(torch.zeros(1, self.k + 1, dtype=torch.long, device=runner.device), 1)
         if role == "draft":
-            runner.propose(0, 1, self.k)
+            runner.propose(nxt, 1, self.k)
         return runner
 
     def decode(self, prompt_ids: list[int], max_new_tokens: int, eos: int | None,
-               on_token: Callable[[int], None] | None = None) -> Decoded:
+               on_token: Callable[[int], None] | None = None) -> Generation:
         """Greedy (speculative with a draft) decoding of one prompt.
 
         Call from one thread: graphs compiled in the main thread and run from another decoded at
         0.4x here (the server warms up on its engine thread for that reason)."""
         need = len(prompt_ids) + max_new_tokens + self.k + 1
-        target = self.runner("target", 0, need)
+        target = self.runner("target", 1, need)
         if self.draft is None:
             return greedy_decode(target, prompt_ids, max_new_tokens, eos, on_token)
-        return speculative_decode(target, self.runner("draft", 0, need), prompt_ids, max_new_tokens, eos, self.k, on_token)
+        return speculative_decode(target, self.runner("draft", 1, need), prompt_ids, max_new_tokens, eos, self.k, on_token)
 
-    def decode_batch(self, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Decoded]:
+    def decode_batch(self, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Generation]:
         """Greedy, the target alone (speculative decoding is batch-1 here, as in transformers)."""
         batch = 1 << (len(prompts) - 1).bit_length()
         return greedy_decode_batch(self.runner("target", batch, max(map(len, prompts)) + max_new_tokens),
                                    prompts, max_new_tokens, eos)
+
+    def accepts(self, params: SamplingParams) -> bool:
+        return params.temperature <= 0 and not params.stop
+
+    def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
+        ids = encode(self.tokenizer, prompt_text)
+        on_token = None
+        if streamer is not None:  # the transformers streamer protocol: the prompt first, then each new token
+            streamer.put(torch.tensor([ids]))
+            on_token = lambda t: streamer.put(torch.tensor([t]))  # noqa: E731
+        out = self.decode(ids, params.max_new_tokens, self.tokenizer.eos_token_id, on_token)
+        if streamer is not None:
+            streamer.end()
+        return finish(self.tokenizer, out, params)
+
+    def batches(self, params: list[SamplingParams]) -> bool:
+        return self.draft is None and all(map(self.accepts, params))
+
+    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
+        """Runs to the longest max_new_tokens asked for and cuts each row to its own."""
+        eos = self.tokenizer.eos_token_id
+        outs = self.decode_batch([encode(self.tokenizer, t) for t in prompt_texts], max(p.max_new_tokens for p in params), eos)
+        for o, p in zip(outs, params):
+            o.token_ids = cut(o.token_ids, p.max_new_tokens, eos)
+        return [finish(self.tokenizer, o, p) for o, p in zip(outs, params)]

@@ -37,7 +37,7 @@ REFERENCE_CODE = ("tasks.evaluate", "models.quant")
 # through (as served), the chat rendering of prompts, the timing helpers, the serving scheduler the
 # concurrent throughput is measured through, the lm-eval adapter, and the report type it fills.
 EVAL_CODE = ("tasks.evaluate", "tasks.results", "tasks.lm_eval_harness", "models.measure", "models.engine", "models.candidate",
-             "models.decoding", "models.fastgen", "models.quant", "models.chat")
+             "models.decoding", "models.fastgen", "models.kvcache", "models.quant", "models.chat")
 
 
 def build_candidates(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: DecodeConfig, home: Path) -> list[Path]:

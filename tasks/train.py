@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.artifacts import Artifact, artifact, write_json
 from models.chat import render_context, row_context, row_messages, tokenize_conversation
 from models.config import ModelConfig, TrainConfig
-from models.decoding import draft_agreement
+from models.decoding import Generation, SamplingParams, draft_acceptance, encode, generate_batch
 from models.device import resolve_device
 from models.embedded import build_embedded
 from models.finetune import STATS, TrainJob, merge_adapter, train
@@ -118,35 +118,13 @@ def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: Mo
     return art.path
 
 
-@torch.inference_mode()
-def greedy_ids(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
-    """The target's greedy new tokens per prompt (or conversation so far), EOS included: left-padded batches."""
-    outs = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [render_context(tokenizer, p) for p in prompts[i:i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:].tolist():  # [batch, new_tokens]
-            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-            outs.append(row[:end])  # what follows EOS is padding
-    return outs
-
-
-def complete_prompts(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Greedy completions (text) for many prompts at once."""
-    return [t.strip() for t in tokenizer.batch_decode(greedy_ids(model, tokenizer, prompts, max_new_tokens, batch_size),
-                                                       skip_special_tokens=True)]
-
-
-def acceptance_of(draft, tokenizer, prompts: list[list[dict]], targets: list[list[int]]) -> float | None:
-    """Share of the target's greedy tokens the draft predicts (its speculative acceptance rate)."""
-    agree = total = 0
-    for prompt, target in zip(prompts, targets):
-        prompt_ids = tokenizer(render_context(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        a, t = draft_agreement(target, prompt_ids, draft)
-        agree, total = agree + a, total + t
-    return agree / total if total else None
+def greedy_generations(model, tokenizer, prompts: list[str | list[dict]], max_new_tokens: int,
+                       batch_size: int = 32) -> list[Generation]:
+    """The target's greedy completions per prompt (or conversation so far), EOS included, decoded
+    `batch_size` prompts at a time (left-padded batches of transformers' generate)."""
+    texts = [render_context(tokenizer, p) for p in prompts]
+    chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    return [g for c in chunks for g in generate_batch(model, tokenizer, c, [SamplingParams(max_new_tokens)] * len(c))]
 
 
 def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: TrainConfig, home: Path,
@@ -165,13 +143,14 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
     tokenizer = load_tokenizer(str(target_dir), None)
     target = AutoModelForCausalLM.from_pretrained(target_dir, use_safetensors=True).to(device).eval()
     prompts = [row_context(r) for r in dataset.rows("train")[: cfg.distill_prompts]]
-    completions = complete_prompts(target, tokenizer, prompts, max_new_tokens=cfg.max_seq_len // 2)
+    completions = [g.text for g in greedy_generations(target, tokenizer, prompts, max_new_tokens=cfg.max_seq_len // 2)]
     eval_prompts = [row_context(r) for r in eval_split(dataset, DRAFT_EVAL_ROWS)]
+    eval_ids = [encode(tokenizer, render_context(tokenizer, p)) for p in eval_prompts]
     # EOS counts: proposing "stop here" is part of what a draft gets accepted for
-    eval_targets = greedy_ids(target, tokenizer, eval_prompts, max_new_tokens=cfg.max_seq_len // 2)
+    eval_targets = [g.token_ids for g in greedy_generations(target, tokenizer, eval_prompts, max_new_tokens=cfg.max_seq_len // 2)]
     del target
     init = AutoModelForCausalLM.from_pretrained(draft_init, use_safetensors=True).to(device).eval()
-    before = acceptance_of(init, tokenizer, eval_prompts, eval_targets)
+    before = draft_acceptance(init, eval_ids, eval_targets)
     del init
     # Empty completions stay: "stop at once" is also behaviour the draft must imitate.
     rows = [{"messages": [*p, {"role": "assistant", "content": c}]} for p, c in zip(prompts, completions)]
@@ -183,7 +162,7 @@ def train_draft(finetuned: Path, draft_init: str, dataset: DatasetVersion, cfg: 
         tracking_uri=tracking[0] if tracking else None, run_id=tracking[1] if tracking else None,
     ), *live_logging(tracking))
     draft = AutoModelForCausalLM.from_pretrained(work / "trained", use_safetensors=True).to(device).eval()
-    after = acceptance_of(draft, tokenizer, eval_prompts, eval_targets)
+    after = draft_acceptance(draft, eval_ids, eval_targets)
     log.info("draft acceptance on %d eval rows: %s before distillation, %s after", len(eval_prompts), before, after)
     with art.build() as tmp:  # clears `work` once the draft is in place
         draft.save_pretrained(tmp)

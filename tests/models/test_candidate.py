@@ -75,18 +75,20 @@ def test_draft_agreement_counts_positions_where_the_draft_would_propose_the_targ
 
 def test_compiled_recipes_give_the_eager_candidates_tokens_whole_streamed_and_batched(quant_dir, tiny_draft_dir, tmp_path):
     from models.chat import render_context
-    from models.decoding import SamplingParams
+    from models.decoding import GenerateDecoder, SamplingParams
     from models.engine import TokenStream
+    from models.fastgen import CompiledDecoder
 
     eager = load_candidate(assemble_candidate(quant_dir, None, "plain", DecodeConfig(max_new_tokens=12), tmp_path / "e"),
                            torch.device("cpu"))
     want = [eager.generate(p).token_ids for p in PROMPTS]
-    assert eager.fast is None
+    assert isinstance(eager.decoder, GenerateDecoder)  # no compile: transformers' generate serves everything
     for strategy in ("plain", "draft"):
         decode = DecodeConfig(max_new_tokens=12, num_draft_tokens=3, compile=True)
         cand = load_candidate(assemble_candidate(quant_dir, tiny_draft_dir, strategy, decode, tmp_path / strategy),
                               torch.device("cpu"))
-        assert cand.fast is not None and (cand.fast.draft is not None) == (strategy == "draft")
+        fast = cand.decoder.fast
+        assert isinstance(fast, CompiledDecoder) and (fast.draft is not None) == (strategy == "draft")
         got = [cand.generate(p) for p in PROMPTS]
         assert [g.token_ids for g in got] == want, strategy
         assert all(g.first_token_s is not None and 0 < g.first_token_s <= g.seconds for g in got)
@@ -98,4 +100,4 @@ def test_compiled_recipes_give_the_eager_candidates_tokens_whole_streamed_and_ba
     cand_plain = load_candidate(tmp_path / "plain", torch.device("cpu"))
     batched = cand_plain.complete_batch(texts, params)
     assert [b.token_ids for b in batched] == [w[: p.max_new_tokens] for w, p in zip(want, params)]
-    assert ("target", 4, 256) in cand_plain.fast.runners  # 3 requests ran on the compiled batch-4 runner
+    assert ("target", 4, 256) in cand_plain.decoder.fast.runners  # 3 requests ran on the compiled batch-4 runner

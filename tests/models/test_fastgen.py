@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.fastgen import BatchRunner, CompiledDecoder, StaticRunner, greedy_decode, greedy_decode_batch, speculative_decode
+from models.fastgen import CompiledDecoder, Runner, greedy_decode, greedy_decode_batch, speculative_decode
 
 PROMPTS = ["Return the value of the", "Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups.",
            "x", "The module provides"]
@@ -45,19 +45,19 @@ def eos_of(ref: list[int]) -> int:
     return ref[len(ref) // 2]
 
 
-def assert_cache_holds(runner: StaticRunner, history: list[int]) -> None:
+def assert_cache_holds(runner: Runner, history: list[int]) -> None:
     """The cache's keys for `history` are the ones a fresh prefill of it writes: every kept token sits
     at its own slot. (Rejected draft tokens written to the wrong slots can leave a tiny random
     model's greedy output unchanged, so the output alone is not proof.)"""
-    fresh = StaticRunner(runner.model, runner.max_len)
-    fresh.prefill(history)
+    fresh = Runner(runner.model, runner.max_len)
+    fresh.prefill([history])
     for ours, theirs in zip(runner.cache.layers, fresh.cache.layers):
         torch.testing.assert_close(ours.keys[:, :, : len(history)], theirs.keys[:, :, : len(history)], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("with_eos", [False, True])
 def test_greedy_decode_matches_generate(target, tokenizer, with_eos):
-    runner = StaticRunner(target, max_len=128)
+    runner = Runner(target, max_len=128)
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
         eos = eos_of(reference(target, ids, None)) if with_eos else None
@@ -72,7 +72,7 @@ def test_speculative_decode_is_lossless_whatever_the_draft(target, tokenizer, ti
               "unrelated": AutoModelForCausalLM.from_pretrained(tiny_draft_dir).eval()}
     rates = {}
     for name, draft in drafts.items():
-        t, d = StaticRunner(target, max_len=128), StaticRunner(draft, max_len=128)
+        t, d = Runner(target, max_len=128), Runner(draft, max_len=128)
         proposed = accepted = 0
         for prompt in PROMPTS:
             ids = tokenizer(prompt)["input_ids"]
@@ -89,7 +89,7 @@ def test_speculative_decode_is_lossless_whatever_the_draft(target, tokenizer, ti
 
 def test_compiled_paths_match_generate(target, tokenizer):
     draft = noisy_copy(target, 1.5, seed=3)
-    t, d = StaticRunner(target, max_len=96, compile=True), StaticRunner(draft, max_len=96, compile=True)
+    t, d = Runner(target, max_len=96, compile=True), Runner(draft, max_len=96, compile=True)
     for prompt in PROMPTS[:2]:
         ids = tokenizer(prompt)["input_ids"]
         want = reference(target, ids, None)
@@ -97,12 +97,12 @@ def test_compiled_paths_match_generate(target, tokenizer):
         assert speculative_decode(t, d, ids, MAX_NEW, None, k=4).token_ids == want
 
 
-def test_a_built_decoder_is_exempt_from_later_garbage_collections(target):
+def test_a_built_decoder_is_exempt_from_later_garbage_collections(target, tokenizer):
     # A full collection walking everything compiling leaves behind took ~1 s inside one request in ~20;
     # after building a runner the decoder collects once and freezes what is alive, so later
     # collections never walk the runner, its model or its graphs.
     gc.unfreeze()
-    fast = CompiledDecoder(target)
+    fast = CompiledDecoder(target, tokenizer)
     fast.decode([1, 2, 3], 2, None)
     runner = next(iter(fast.runners.values()))
     assert gc.get_freeze_count() > 0
@@ -111,7 +111,7 @@ def test_a_built_decoder_is_exempt_from_later_garbage_collections(target):
 
 def test_a_prompt_too_long_for_the_cache_is_refused(target, tokenizer):
     with pytest.raises(ValueError, match=r"needs 40 cache positions; the static cache has 32"):
-        greedy_decode(StaticRunner(target, max_len=32), list(range(16)), 24, None)
+        greedy_decode(Runner(target, max_len=32), list(range(16)), 24, None)
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -120,7 +120,7 @@ def test_batched_decode_matches_batched_generate(target, tokenizer, compile):
     enc = tokenizer(PROMPTS[:3], padding=True, padding_side="left", return_tensors="pt")
     eos = eos_of(reference(target, tokenizer(PROMPTS[0])["input_ids"], None))
     want = target.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    runner = BatchRunner(target, batch=4, max_len=96, compile=compile)
+    runner = Runner(target, max_len=96, batch=4, compile=compile)
     got = greedy_decode_batch(runner, [tokenizer(p)["input_ids"] for p in PROMPTS[:3]], MAX_NEW, eos)
     for row, g in zip(want[:, enc["input_ids"].shape[1]:].tolist(), got):
         assert g.token_ids == (row[: row.index(eos) + 1] if eos in row else row)
