@@ -141,7 +141,7 @@ def plot_accuracy_vs_speed(reports: list[EvalReport], base: EvalReport | None, s
             {"marker": "o", "s": 50, "color": "tab:blue" if i in selection.accepted else "tab:gray"}
         point = (getattr(r, speed) or 0, getattr(r, metric))
         ax.scatter(*point, **style)
-        ax.annotate(r.recipe, point, fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(r.label, point, fontsize=7, xytext=(4, 4), textcoords="offset points")
     if base is not None:
         ax.axhline(getattr(base, metric), color="tab:red", linestyle="--", linewidth=1, label="base model")
     ax.axhline(selection.reference_accuracy - selection.policy["max_accuracy_drop"], color="tab:orange",
@@ -162,7 +162,7 @@ def plot_latency(reports: list[EvalReport], base: EvalReport | None, path: Path)
     import matplotlib.pyplot as plt
 
     shown = reports + ([base] if base else [])
-    labels = [r.recipe for r in reports] + (["base model (reference)"] if base else [])
+    labels = [r.label for r in reports] + (["base model (reference)"] if base else [])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(shown) + 1.5))
     ax.boxplot([r.latencies_s for r in shown], vert=False, showfliers=True)
     ax.set_yticks(range(1, len(shown) + 1), labels, fontsize=8)

@@ -112,7 +112,7 @@ class EvalReport(Result):
     lm_eval: Optional[dict] = None
 
     @property
-    def recipe(self) -> str:
+    def label(self) -> str:
         """'quant/strategy', as the tables and pictures label a candidate."""
         return f"{self.quant_method}/{self.strategy}"
 
