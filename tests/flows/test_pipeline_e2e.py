@@ -28,6 +28,16 @@ def first_run(tmp_path_factory):
     return home, out, seconds
 
 
+# A script's preamble: the micro preset's MLflow runs, as `runs`, and the client `c`.
+RUNS = """
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+exp = c.get_experiment_by_name('smelt-micro-cpu')
+runs = c.search_runs([exp.experiment_id])
+"""
+
+
 def in_subprocess(home, code: str) -> str:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "BENTOML_HOME": str(home / "bentoml")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -101,12 +111,7 @@ print(json.dumps({'n': len(vs), 'champ': champ.version, 'chall': chall.version, 
 
 def test_pipeline_run_has_nested_runs_per_stage_and_candidate(first_run):
     home, _, _ = first_run
-    got = json.loads(in_subprocess(home, """
-import json
-from mlflow.tracking import MlflowClient
-c = MlflowClient()
-exp = c.get_experiment_by_name('smelt-micro-cpu')
-runs = c.search_runs([exp.experiment_id])
+    got = json.loads(in_subprocess(home, RUNS + """
 parents = [r for r in runs if 'mlflow.parentRunId' not in r.data.tags]
 p = parents[0]
 kids = [r for r in runs if r.data.tags.get('mlflow.parentRunId') == p.info.run_id]
@@ -137,12 +142,7 @@ print(json.dumps({'parents': len(parents), 'status': p.info.status, 'params': p.
 
 def test_dataset_version_is_an_mlflow_input_of_the_runs_that_train_on_it(first_run):
     home, _, _ = first_run
-    got = json.loads(in_subprocess(home, """
-import json
-from mlflow.tracking import MlflowClient
-c = MlflowClient()
-exp = c.get_experiment_by_name('smelt-micro-cpu')
-runs = c.search_runs([exp.experiment_id])
+    got = json.loads(in_subprocess(home, RUNS + """
 def inputs(r):
     return [{'digest': d.dataset.digest, 'source': d.dataset.source, 'schema': d.dataset.schema,
              'context': {t.key: t.value for t in d.tags}.get('mlflow.data.context')} for d in r.inputs.dataset_inputs]
