@@ -83,8 +83,8 @@ def train_cmd(
 
     console.print(f"smelt train: preset [bold]{cfg.preset}[/bold], method {cfg.train.method}, home {home}")
     result = train(cfg)
-    draft = read_json(Path(result["draft"]) / "train.json") if result["draft"] else None
-    print_train_result(result, read_json(Path(result["finetuned"]) / "train.json"), draft)
+    draft = read_json(Path(result.draft) / "train.json") if result.draft else None
+    print_train_result(result, read_json(Path(result.finetuned) / "train.json"), draft)
 
 
 @app.command()

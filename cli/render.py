@@ -16,19 +16,19 @@ def pct(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def print_train_result(result: dict, train: dict, draft: dict | None) -> None:
+def print_train_result(result, train: dict, draft: dict | None) -> None:
     """`smelt train`: the fine-tuning run (from its train.json) and the distilled draft's acceptance."""
     t = train
     resumed = f", resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else ""
     early = f", stopped early at step {t['steps_run']}" if t.get("stopped_early") else ""
     console.print(f"fine-tuned ({t['method']}, {t['steps_run']} steps on {t['num_processes']} process(es){resumed}{early}): "
                   f"train loss {t['final_loss']:.4f}, eval loss {t['eval_loss'] or float('nan'):.4f}, {t['train_tokens_per_s']:,.0f} tokens/s "
-                  f"-> {result['finetuned']}")
+                  f"-> {result.finetuned}")
     if draft:
         d = draft
         console.print(f"draft distilled ({d['steps_run']} steps): acceptance on {d['acceptance_rows']} eval prompts "
-                      f"{pct(d['acceptance_before'])} before, {pct(d['acceptance_after'])} after -> {result['draft']}")
-    console.print(f"MLflow run {result['mlflow_run_id']}")
+                      f"{pct(d['acceptance_before'])} before, {pct(d['acceptance_after'])} after -> {result.draft}")
+    console.print(f"MLflow run {result.mlflow_run_id}")
 
 
 def versions_table(name: str, rows: list[dict]) -> Table:
@@ -48,18 +48,18 @@ def versions_table(name: str, rows: list[dict]) -> Table:
     return table
 
 
-def print_data_summary(result: dict) -> None:
+def print_data_summary(result) -> None:
     """`smelt data ingest`: the dataset version's counts and where it was written."""
     from tasks.report import COUNT_LABELS
 
-    c = result["counts"]
-    table = Table(title=f"Dataset {result['dataset']}")
+    c = result.counts
+    table = Table(title=f"Dataset {result.dataset}")
     for _, header in COUNT_LABELS:
         table.add_column(header)
     table.add_row(*[str(c.get(k, 0)) for k, _ in COUNT_LABELS])
     console.print(table)
-    console.print(f"written to {result['path']} (train.parquet, eval.parquet, manifest.json, quarantine.jsonl, removed.jsonl, "
-                  f"lengths.png); MLflow run {result['mlflow_run_id']}")
+    console.print(f"written to {result.path} (train.parquet, eval.parquet, manifest.json, quarantine.jsonl, removed.jsonl, "
+                  f"lengths.png); MLflow run {result.mlflow_run_id}")
 
 
 def print_table(title: str, cells: list[list[str]]) -> None:

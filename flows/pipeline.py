@@ -14,7 +14,7 @@ from tasks.package import package_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task
 from tasks.report import log_dataset_task, report_data_task, report_results_task
-from tasks.results import PipelineResult
+from tasks.results import EtlResult, PipelineResult, TrainResult
 from tasks.select import select_task
 from tasks.tracking import close_run_task, fail_flow_runs, open_run_task, open_stage_run_task, track_stages_task
 from tasks.train import finetune_task, prepare_models_task, train_draft_task
@@ -78,18 +78,18 @@ def ingest(config: PipelineConfig, home: str) -> DatasetVersion:
 
 
 @flow(name="smelt-etl", flow_run_name="{config.preset}-etl", log_prints=True)
-def etl(config: PipelineConfig = PipelineConfig()) -> dict:
+def etl(config: PipelineConfig = PipelineConfig()) -> EtlResult:
     """ETL alone: validate, deduplicate and version the data; the data report is the run's artifact."""
     home = str(smelt_home())
     dataset = ingest(config, home)
     report_data_task(config.preset, dataset)
     mlflow_run = log_dataset_task(config, None, dataset, home)
-    return {"mlflow_run_id": mlflow_run, "dataset": dataset.version, "counts": dataset.counts, "path": str(dataset.path)}
+    return EtlResult(mlflow_run_id=mlflow_run, dataset=dataset.version, counts=dataset.counts, path=str(dataset.path))
 
 
 @flow(name="smelt-train", flow_run_name="{config.preset}-train", log_prints=True,
       on_failure=[mark_tracking_failed], on_crashed=[mark_tracking_failed])
-def train(config: PipelineConfig = PipelineConfig()) -> dict:
+def train(config: PipelineConfig = PipelineConfig()) -> TrainResult:
     """ETL and training alone: fine-tune the base and distil the draft, tracked in MLflow. An
     interrupted run resumes from its last checkpoint when started again with the same config."""
     home = str(smelt_home())
@@ -101,8 +101,8 @@ def train(config: PipelineConfig = PipelineConfig()) -> dict:
     draft = train_draft_task(finetuned, draft_init, dataset, config.train, home, live["draft"])
     track_stages_task(run, config, home, dataset, finetuned, draft, {}, live)
     close_run_task(run, config, home, None, None)
-    return {"dataset": dataset.version, "counts": dataset.counts, "finetuned": str(finetuned),
-            "draft": None if draft is None else str(draft), "mlflow_run_id": run}
+    return TrainResult(dataset=dataset.version, counts=dataset.counts, finetuned=str(finetuned),
+                       draft=None if draft is None else str(draft), mlflow_run_id=run)
 
 
 @flow(name="smelt-retrain", flow_run_name="{config.preset}-retrain", log_prints=True)

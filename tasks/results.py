@@ -173,6 +173,25 @@ class BentoRef(Result):
     bento_tag: str
 
 
+class EtlResult(Result):
+    """`smelt data ingest` / the smelt-etl flow: the dataset version, its counts and its MLflow run."""
+
+    dataset: str
+    counts: dict
+    path: str
+    mlflow_run_id: str
+
+
+class TrainResult(Result):
+    """`smelt train` / the smelt-train flow: the fine-tuned model and the distilled draft (if any)."""
+
+    dataset: str
+    counts: dict
+    finetuned: str
+    draft: Optional[str]
+    mlflow_run_id: str
+
+
 class PipelineResult(Result):
     """What `smelt run` shows: the dataset, every candidate, the selection, the registry and the Bento."""
 
