@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import write_json
 from models.chat import render_context
+from models.candidate import Recipe as CandidateRecipe
 from models.candidate import decoder_for
 from models.decoding import Generation, SamplingParams, decode_rate
 from models.measure import memory_bandwidth, weight_bytes
@@ -66,12 +67,12 @@ class Recipe:
     streams: Callable[[], list[Generation]] | None
 
 
-def serving_recipe(loop: str, setup: Setup) -> dict:
+def serving_recipe(loop: str, setup: Setup) -> CandidateRecipe:
     """The candidate recipe (models/candidate.py) a bench loop names: `hf` and `hf+draft` decode with
     transformers' generate (assisted by the draft), `compiled` and `compiled+draft` with smelt's
     compiled static-cache loop (speculative with the draft)."""
-    return {"strategy": "draft" if loop.endswith("+draft") else "plain", "compile": loop.startswith("compiled"),
-            "num_draft_tokens": setup.num_draft_tokens, "prompt_lookup_tokens": 0}
+    return CandidateRecipe(strategy="draft" if loop.endswith("+draft") else "plain", compile=loop.startswith("compiled"),
+                           max_new_tokens=setup.max_new_tokens, num_draft_tokens=setup.num_draft_tokens)
 
 
 def build_recipe(model, setup: Setup, weights: str, loop: str, wbytes: int) -> Recipe:

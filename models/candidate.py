@@ -19,12 +19,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import Artifact, read_json, write_json
 from models.chat import render_context
-from models.config import DecodeConfig
+from models.config import DecodeConfig, DecodeStrategy, StrictModel
 from models.decoding import Decoder, GenerateDecoder, Generation, Preferring, SamplingParams, draft_acceptance, encode, strategy_kwargs
 from models.fastgen import CompiledDecoder
 from models.quant import load_quantized, quant_method
 
 RECIPE = "recipe.json"
+
+
+class Recipe(StrictModel):
+    """How a candidate decodes (its recipe.json): the weights' quantization, the decoding strategy and
+    its settings. Serving, evaluation and `smelt bench` read it through `decoder_for`."""
+
+    quant_method: str = "none"
+    strategy: DecodeStrategy = "plain"
+    draft_model: str | None = None  # the draft artifact's name, for lineage (strategy 'draft' only)
+    compile: bool = False  # greedy plain/draft requests decode with the compiled static-cache loop
+    max_new_tokens: int = 64
+    num_draft_tokens: int = 4
+    prompt_lookup_tokens: int = 5
 
 
 def link_tree(src: Path, dst: Path) -> None:
@@ -49,15 +62,11 @@ def assemble_candidate(quant_dir: Path, draft_dir: Path | None, strategy: str, d
             if draft_dir is None:
                 raise ValueError("strategy 'draft' needs a trained draft model")
             link_tree(draft_dir, tmp / "draft")
-        write_json(tmp / RECIPE, {
-            "quant_method": quant_method(quant_dir),
-            "strategy": strategy,
-            "draft_model": draft_dir.name if strategy == "draft" else None,
-            "compile": decode.compile,
-            "max_new_tokens": decode.max_new_tokens,
-            "num_draft_tokens": decode.num_draft_tokens,
-            "prompt_lookup_tokens": decode.prompt_lookup_tokens,
-        })
+        recipe = Recipe(quant_method=quant_method(quant_dir), strategy=strategy,
+                        draft_model=draft_dir.name if strategy == "draft" else None, compile=decode.compile,
+                        max_new_tokens=decode.max_new_tokens, num_draft_tokens=decode.num_draft_tokens,
+                        prompt_lookup_tokens=decode.prompt_lookup_tokens)
+        write_json(tmp / RECIPE, recipe.model_dump())
     return out
 
 
@@ -66,13 +75,13 @@ class Candidate:
     model: torch.nn.Module
     tokenizer: object
     draft: torch.nn.Module | None
-    recipe: dict
+    recipe: Recipe
     decoder: Decoder  # `decoder_for(...)`: how this recipe decodes
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int | None = None) -> Generation:
         """Answer a user prompt (or a conversation so far), rendered with the chat template stored at
         training time (greedy)."""
-        return self.complete(render_context(self.tokenizer, prompt), SamplingParams(max_new_tokens or self.recipe["max_new_tokens"]))
+        return self.complete(render_context(self.tokenizer, prompt), SamplingParams(max_new_tokens or self.recipe.max_new_tokens))
 
     def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
         """Continue already-rendered text with this candidate's decoding strategy."""
@@ -99,25 +108,25 @@ class Candidate:
         return draft_acceptance(self.draft, prompt_ids, [o.token_ids for o in outputs])
 
 
-def decoder_for(model, tokenizer, draft, recipe: dict) -> Decoder:
+def decoder_for(model, tokenizer, draft, recipe: Recipe) -> Decoder:
     """The decode loop a recipe ships (serving, evaluation and `smelt bench` all decode through it).
 
     transformers' generate with the strategy's arguments serves every request; with `compile`, smelt's
     compiled static-cache loop (speculative with the draft) serves the greedy requests it can, and
     prompt lookup stays on generate (the compiled loop has no n-gram proposer).
     """
-    strategy = recipe["strategy"]
-    generate = GenerateDecoder(model, tokenizer, strategy_kwargs(strategy, draft, recipe["num_draft_tokens"],
-                                                                   recipe["prompt_lookup_tokens"]))
-    if not recipe.get("compile") or strategy not in ("plain", "draft"):
+    strategy = recipe.strategy
+    generate = GenerateDecoder(model, tokenizer, strategy_kwargs(strategy, draft, recipe.num_draft_tokens,
+                                                                   recipe.prompt_lookup_tokens))
+    if not recipe.compile or strategy not in ("plain", "draft"):
         return generate
-    fast = CompiledDecoder(model, tokenizer, draft if strategy == "draft" else None, recipe["num_draft_tokens"])
+    fast = CompiledDecoder(model, tokenizer, draft if strategy == "draft" else None, recipe.num_draft_tokens)
     return Preferring(fast, generate)
 
 
 def load_candidate(path: Path, device: torch.device) -> Candidate:
     path = Path(path)
-    recipe = read_json(path / RECIPE)
+    recipe = Recipe.model_validate(read_json(path / RECIPE))
     model = load_quantized(path / "model", device)
     tokenizer = AutoTokenizer.from_pretrained(path / "model")
     draft = None

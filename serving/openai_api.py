@@ -48,7 +48,7 @@ def sampling(req: SamplingFields, engine: Engine, prompt_text: str) -> SamplingP
     served = engine.cfg.model_id
     if req.model != served:
         raise ApiError(404, f"model {req.model!r} is not served here; this server serves {served!r}", "model", "model_not_found")
-    max_tokens = req.max_tokens or min(engine.candidate.recipe["max_new_tokens"], engine.cfg.max_tokens)
+    max_tokens = req.max_tokens or min(engine.candidate.recipe.max_new_tokens, engine.cfg.max_tokens)
     if max_tokens > engine.cfg.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {engine.cfg.max_tokens}", "max_tokens")
     used = engine.prompt_tokens(prompt_text)

@@ -66,4 +66,4 @@ class SmeltService:
 
     @bentoml.api
     def recipe(self) -> dict:
-        return self.candidate.recipe
+        return self.candidate.recipe.model_dump()

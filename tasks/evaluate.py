@@ -159,13 +159,13 @@ def measure_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCon
         cand.generate(contexts[0], max_new_tokens=4)  # warm-up: first call pays one-off allocation costs
         outputs = [cand.generate(c) for c in tqdm(contexts, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
         concurrent = concurrent_throughput(cand, [render_context(cand.tokenizer, c) for c in contexts],
-                                           cand.recipe["max_new_tokens"], cfg.concurrent_streams)
+                                           cand.recipe.max_new_tokens, cfg.concurrent_streams)
     measured = {
         "candidate": candidate_dir.name,
         "path": str(candidate_dir),
-        "quant_method": cand.recipe["quant_method"],
-        "strategy": cand.recipe["strategy"],
-        "draft_artifact": cand.recipe.get("draft_model"),
+        "quant_method": cand.recipe.quant_method,
+        "strategy": cand.recipe.strategy,
+        "draft_artifact": cand.recipe.draft_model,
         "eval_split": eval_split_key(dataset, cfg),
         "size_bytes": dir_size_bytes(candidate_dir),
         "load_s": load_s,
@@ -184,12 +184,12 @@ def measure_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCon
 def benchmark_candidate(cand, rows: list[dict], cfg: EvalConfig, workdir: Path) -> dict | None:
     """lm-evaluation-harness tasks on the candidate's own weights. Decoding strategies are lossless
     under greedy decoding, so only plain candidates run them (the others would repeat the numbers)."""
-    if not cfg.lm_eval_tasks or cand.recipe["strategy"] != "plain":
+    if not cfg.lm_eval_tasks or cand.recipe.strategy != "plain":
         return None
     from tasks.lm_eval_harness import run_lm_eval
 
     return run_lm_eval(cand.model, cand.tokenizer, cfg.lm_eval_tasks, rows, cfg.lm_eval_limit, workdir,
-                       max_gen_toks=cand.recipe["max_new_tokens"])
+                       max_gen_toks=cand.recipe.max_new_tokens)
 
 
 def reference_model(base: str, finetuned: Path, home: Path) -> Path:

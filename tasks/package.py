@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from models.artifacts import code_digest, read_json
+from models.candidate import RECIPE, Recipe
 from models.settings import BENTO_MODEL_FILE, REPO_ROOT
 from tasks.caching import STAGE_CACHE
 from tasks.config import RegistryConfig
@@ -54,7 +55,7 @@ def import_champion(registered: str, client: MlflowClient) -> str:
             name,
             labels={"registered_model": registered, "mlflow_version": str(champ.version)},
             # BentoML metadata takes only basic values: unset recipe fields (None) are left out.
-            metadata={"recipe": {k: v for k, v in read_json(candidate / "recipe.json").items() if v is not None},
+            metadata={"recipe": Recipe.model_validate(read_json(candidate / RECIPE)).model_dump(exclude_none=True),
                       "mlflow_run_id": champ.run_id},
         ) as model:
             shutil.copytree(candidate, model.path, dirs_exist_ok=True)

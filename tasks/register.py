@@ -16,6 +16,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
 
 from models.artifacts import write_json
+from models.candidate import RECIPE
 from tasks.caching import STAGE_CACHE
 from tasks.config import REPO_ROOT, PipelineConfig
 from tasks.etl import DatasetVersion
@@ -89,7 +90,7 @@ def register_candidate(client: MlflowClient, name: str, report: EvalReport, pare
 def download_candidate(name: str, version: str, dst: Path) -> Path:
     """Fetch a registered candidate directory (the pyfunc's `candidate` artifact) into `dst`."""
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst)))
-    return next(local.rglob("recipe.json")).parent
+    return next(local.rglob(RECIPE)).parent
 
 
 def champion_on_split(client: MlflowClient, name: str, dataset: DatasetVersion, cfg: PipelineConfig, home: Path) -> dict | None:
@@ -104,7 +105,7 @@ def champion_on_split(client: MlflowClient, name: str, dataset: DatasetVersion, 
         return None
     local = home / "candidates" / champ.tags.get("smelt.candidate", "-")
     with tempfile.TemporaryDirectory(prefix="smelt-champion-") as tmp:
-        cand = local if (local / "recipe.json").exists() else download_candidate(name, champ.version, Path(tmp))
+        cand = local if (local / RECIPE).exists() else download_candidate(name, champ.version, Path(tmp))
         report = evaluate_candidate(cand, dataset, cfg.eval, home)
     metric = cfg.registry.gate_metric
     return {metric: getattr(report, metric), "tokens_per_s": report.tokens_per_s, "eval_split": split,

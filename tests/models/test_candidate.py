@@ -21,7 +21,7 @@ def test_speculative_strategies_are_lossless_under_greedy(quant_dir, tiny_draft_
     for strategy in ("plain", "draft", "prompt-lookup"):
         path = assemble_candidate(quant_dir, tiny_draft_dir, strategy, decode, tmp_path / strategy)
         cand = load_candidate(path, torch.device("cpu"))
-        assert cand.recipe["strategy"] == strategy and cand.recipe["quant_method"] == "none"
+        assert cand.recipe.strategy == strategy and cand.recipe.quant_method == "none"
         assert (cand.draft is not None) == (strategy == "draft")
         outputs[strategy] = [cand.generate(p).token_ids for p in PROMPTS]
     assert outputs["draft"] == outputs["plain"]

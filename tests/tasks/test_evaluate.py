@@ -76,7 +76,7 @@ def test_the_base_reference_is_the_base_weights_prompted_like_the_candidates(set
     tok.save_pretrained(finetuned / "merged")
     ref = build_reference(str(tiny_model_dir), finetuned, DecodeConfig(max_new_tokens=4), home)
     loaded = load_candidate(ref, torch.device("cpu"))
-    assert loaded.recipe["strategy"] == "plain" and loaded.recipe["quant_method"] == "none"
+    assert loaded.recipe.strategy == "plain" and loaded.recipe.quant_method == "none"
     assert loaded.tokenizer.chat_template == tok.chat_template
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), loaded.model.state_dict().values()))
