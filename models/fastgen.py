@@ -1,8 +1,9 @@
 """smelt's own greedy decode loop over a static KV cache, so each decode step can be compiled.
 
-The design is gpt-fast's `generate.py`: a fixed-size cache written in place, one forward per
-step whose shapes never change (so `torch.compile` traces it once), and speculative decoding
-in the same loop. transformers' `generate` grows its cache in Python every step, and its
+The design is gpt-fast's `generate.py`: a fixed-size cache written in place at the slots each
+forward is given (models/kvcache.py), one forward per step whose shapes never change (so
+`torch.compile` traces it once), and speculative decoding in the same loop. A `Runner` is that
+cache plus its step function, for one prompt or a left-padded batch alike. transformers' `generate` grows its cache in Python every step, and its
 assisted generation works neither with the static cache nor at batch > 1 (shared FACTS.md),
 which is why this loop exists.
 

@@ -125,3 +125,24 @@ def test_batched_decode_matches_batched_generate(target, tokenizer, compile):
     for row, g in zip(want[:, enc["input_ids"].shape[1]:].tolist(), got):
         assert g.token_ids == (row[: row.index(eos) + 1] if eos in row else row)
     assert any(eos in g.token_ids for g in got) and not all(len(g.token_ids) == MAX_NEW for g in got)
+
+
+def test_the_cache_writes_only_the_slots_it_is_given(target):
+    # The write position is the loop's to choose: a forward at slots 8 and 9 leaves 3..7 untouched.
+    runner = Runner(target, max_len=16)
+    runner.prefill([[5, 6, 7]])
+    with torch.inference_mode():
+        runner.run(torch.tensor([[8, 9]]), 8)
+    for layer in runner.cache.layers:
+        written = layer.keys.abs().sum(dim=(0, 1, 3)) != 0  # [max_len]
+        assert written.tolist() == [i < 3 or i in (8, 9) for i in range(16)]
+
+
+def test_the_cache_refuses_layers_it_cannot_hold():
+    from transformers import Qwen2Config
+
+    from models.kvcache import SlotCache
+
+    config = Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(ValueError, match=r"full-attention layers only, not \['sliding_attention'\]"):
+        SlotCache(config, 32)
