@@ -19,7 +19,7 @@ from models.artifacts import artifact, digest, dir_size_bytes
 from models.candidate import assemble_candidate, load_candidate
 from models.chat import render_context, row_context, row_messages, tokenize_conversation
 from models.config import DecodeConfig
-from models.decoding import Generation
+from models.decoding import Generation, decode_rate
 from models.device import resolve_device
 from models.measure import PeakMemory, concurrent_throughput, memory_bandwidth, weight_bytes
 from models.quant import quant_meta, quantize_model
@@ -87,15 +87,12 @@ def score(rows: list[dict], outputs: list[Generation]) -> dict:
     ordered = sorted(latencies)
     tokens = sum(o.new_tokens for o in outputs)
     firsts = [o.first_token_s for o in outputs if o.first_token_s is not None]
-    # decode speed leaves out the prefill: tokens after the first, over the time after the first
-    decode_tokens = sum(o.new_tokens - 1 for o in outputs if o.first_token_s is not None and o.new_tokens > 1)
-    decode_seconds = sum(o.seconds - o.first_token_s for o in outputs if o.first_token_s is not None and o.new_tokens > 1)
     return {
         "exact_match": sum(exact) / len(exact),
         "field_accuracy": sum(f[0] for f in fields) / len(fields),
         "field_f1": sum(f[1] for f in fields) / len(fields),
         "tokens_per_s": tokens / sum(latencies),
-        "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds > 0 else None,
+        "decode_tokens_per_s": decode_rate(outputs),  # leaves out the prefill
         "ttft_s": statistics.mean(firsts) if firsts else None,
         "latency_p50_s": statistics.median(ordered),
         "latency_p95_s": percentile(ordered, 0.95),
