@@ -60,3 +60,25 @@ def test_a_method_the_device_cannot_run_is_refused_up_front(tiny_dataset, tmp_pa
         quantize_candidates(tmp_path / "nowhere", tiny_dataset, QuantConfig(methods=["none", "torchao-int8-wo"]), tmp_path, "cpu")
     assert not (tmp_path / "models").exists()
     assert "torchao-int8-wo" in BACKENDS
+
+
+def test_distillation_targets_are_the_targets_greedy_tokens_in_batches(tiny_model_dir):
+    # Training's distillation decodes its targets with the one left-padded batch helper, a few
+    # prompts per batch; each row must be what the target alone would generate, cut at its EOS.
+    from transformers import AutoModelForCausalLM
+
+    from models.chat import render_context
+    from models.decoding import draft_acceptance, encode
+    from tasks.train import greedy_generations, load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = load_tokenizer(str(tiny_model_dir), None)
+    prompts = [[{"role": "user", "content": t}] for t in ("Bob from Oslo ordered 3 cups.", "x", "The module provides")]
+    gens = greedy_generations(model, tok, prompts, max_new_tokens=10, batch_size=2)
+    ids = [encode(tok, render_context(tok, p)) for p in prompts]
+    for g, prompt_ids in zip(gens, ids):
+        alone = model.generate(torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt_ids):].tolist()
+        assert g.token_ids == alone and g.text == tok.decode(alone, skip_special_tokens=True).strip()
+    assert sum(g.new_tokens for g in gens) > 0
+    assert draft_acceptance(model, ids, [g.token_ids for g in gens]) == 1.0  # the target drafting for itself
