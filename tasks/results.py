@@ -43,7 +43,7 @@ TOKENS_PER_S = Metric("tok/s", "{:.0f}", table=True, summary=True, listed=True)
 DECODE_TOKENS_PER_S = Metric("decode tok/s", "{:.0f}", table=True, bench=True)
 TTFT_S = Metric("TTFT ms", "ms", table=True, summary=True, bench=True)
 CONCURRENT_TOKENS_PER_S = Metric("8-stream tok/s", "{:.0f}", table=True, summary=True, bench=True)
-DRAFT_ACCEPTANCE = Metric("draft accept", "{:.0%}", table=True, summary=True, listed=True, bench=True)
+DRAFT_ACCEPTANCE = Metric("draft accept", "{:.0%}", table=True, summary=True, bench=True)
 WEIGHT_BYTES = Metric("weights MB", "MB", table=True, summary=True, bench=True)
 EFFECTIVE_BANDWIDTH_GBS = Metric("GB/s", "{:.2f}", bench=True)
 BANDWIDTH_SHARE = Metric("BW share", "{:.1%}", table=True, bench=True)
@@ -83,7 +83,7 @@ class EvalReport(Result):
     eval_split: str = ""
     # accuracy
     exact_match: Annotated[float, Metric("exact match", "{:.1%}", table=True, summary=True, listed=True)] = 0.0
-    field_accuracy: Annotated[float, Metric("field accuracy", "{:.1%}", listed=True)] = 0.0
+    field_accuracy: Annotated[float, Metric("field acc", "{:.1%}", listed=True)] = 0.0
     field_f1: Annotated[float, Metric("field F1", "{:.1%}", table=True, summary=True)] = 0.0
     perplexity: Annotated[Optional[float], Metric("ppl", "{:.2f}", table=True, summary=True)] = None
     # speed at batch 1, and of concurrent requests through the serving engine
