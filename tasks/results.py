@@ -9,6 +9,7 @@ measures it).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
@@ -49,6 +50,11 @@ EFFECTIVE_BANDWIDTH_GBS = Metric("GB/s", "{:.2f}", bench=True)
 BANDWIDTH_SHARE = Metric("BW share", "{:.1%}", table=True, bench=True)
 
 
+@functools.cache
+def declared_metrics(cls: type[BaseModel]) -> dict[str, Metric]:
+    return {name: m for name, f in cls.model_fields.items() for m in f.metadata if isinstance(m, Metric)}
+
+
 class Result(BaseModel):
     """A stage's result: strict about unknown keys, and readable back from its own JSON."""
 
@@ -56,8 +62,9 @@ class Result(BaseModel):
 
     @classmethod
     def metrics(cls) -> dict[str, Metric]:
-        """{field name: Metric} in declaration order (the order of every table)."""
-        return {name: m for name, f in cls.model_fields.items() for m in f.metadata if isinstance(m, Metric)}
+        """{field name: Metric} in declaration order (the order of every table); read once per class,
+        since every table cell asks."""
+        return declared_metrics(cls)
 
     @classmethod
     def metric(cls, name: str) -> Metric:
