@@ -25,6 +25,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Inspect models in the MLflo
 app.add_typer(models_app, name="models")
 data_app = typer.Typer(no_args_is_help=True, help="Feed new data to the watched folder; retrains follow through Prefect.")
 app.add_typer(data_app, name="data")
+embedded_app = typer.Typer(no_args_is_help=True, help="The embedded default's own models: build the shipped weights.")
+app.add_typer(embedded_app, name="embedded")
 CONFIG_OPTION = typer.Option("tiny-cpu", "--config", "-c", help="Preset or YAML file whose registry settings (gate, tracking URI) apply.")
 
 
@@ -85,6 +87,35 @@ def train_cmd(
     result = train(cfg)
     draft = read_json(Path(result.draft) / "train.json") if result.draft else None
     print_train_result(result, read_json(Path(result.finetuned) / "train.json"), draft)
+
+
+@embedded_app.command("build")
+def embedded_build(
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides, e.g. model.embedded.pretrain_steps=100."),
+    config: str = typer.Option("tiny-cpu", "--config", "-c", help="Preset whose model.embedded settings to build."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Release folder; default: the preset's model.embedded.shipped."),
+) -> None:
+    """Pretrain the embedded base on the curriculum (text, copy blocks, key-value records) and write it,
+    with its tokenizer and draft init, as bf16 safetensors plus a manifest (command, config, seed, tokens
+    seen, loss curve, sha256 of every file, CPU flags).
+
+    Hours on 2 CPU cores; checkpoints under SMELT_HOME, so the same command resumes after a kill.
+    The folder is replaced only when everything is written. Commit it: `smelt run` then loads it.
+    """
+    home, cfg = prepare(config, overrides)
+    from models.device import resolve_device
+    from models.embedded import build_release
+    from tasks.config import REPO_ROOT
+
+    emb = cfg.model.embedded
+    target = out or (REPO_ROOT / emb.shipped if emb.shipped else None)
+    if target is None:
+        fail("no --out given and the preset sets no model.embedded.shipped folder", 2)
+    command = "uv run smelt embedded build " + " ".join(sys.argv[3:])
+    console.print(f"smelt embedded build: {emb.base.model_dump()} -> {target}, {emb.pretrain_steps} steps")
+    manifest = build_release(emb, target, home, resolve_device(cfg.train.device), REPO_ROOT, command.strip())
+    console.print(f"wrote {target}: {len(manifest['files'])} files, {manifest['tokens_seen']:,} tokens seen, "
+                  f"final loss {manifest['train']['final_loss']:.3f}, {manifest['wall_seconds']:.0f} s")
 
 
 @app.command()

@@ -9,7 +9,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from models.settings import smelt_home
 from tasks.config import EtlConfig, PipelineConfig, with_watched_data
 from tasks.etl import DatasetVersion, ingest_shard_task, merge_task, plan_task, prepare_tokenizer_task
-from tasks.evaluate import build_candidates_task, build_reference_task, evaluate_task
+from tasks.evaluate import build_candidates_task, build_reference_task, evaluate_base_task, evaluate_task
 from tasks.package import package_task
 from tasks.quantize import quantize_task
 from tasks.register import register_task
@@ -40,8 +40,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     quantized = quantize_task(finetuned, dataset, config.quant, home, config.train.device)
     track_stages_task(run, config, home, dataset, finetuned, draft, quantized, live)
     candidates = build_candidates_task(quantized, draft, config.decode, home)
-    reports = [evaluate_task(c, dataset, config.eval, home) for c in candidates]
-    base_report = evaluate_task(build_reference_task(base, finetuned, config.decode, home), dataset, config.eval, home)
+    reports = evaluate_task(candidates, dataset, config.eval, home)
+    base_report = evaluate_base_task(build_reference_task(base, finetuned, config.decode, home), dataset, config.eval, home)
     selection = select_task(reports, base_report, config.select)
     registry = register_task(config, dataset, reports, selection, run, home)
     ship = config.package.build_bento and registry.champion is not None

@@ -41,6 +41,14 @@ class TinyLlamaSpec(StrictModel):
         return v
 
 
+class CurriculumMix(StrictModel):
+    """Shares of each kind of pretraining block (normalised; a zero share turns that kind off)."""
+
+    text: float = Field(0.4, ge=0, description="Plain text windows (the docstring corpus).")
+    copy_spans: float = Field(0.3, ge=0, description="Text with random word spans repeated at varied distances.")
+    records: float = Field(0.3, ge=0, description="key: value fields restated as JSON in another order.")
+
+
 class EmbeddedBuildConfig(StrictModel):
     """How the offline default makes its own tokenizer, base and draft (no hub needed)."""
 
@@ -53,9 +61,10 @@ class EmbeddedBuildConfig(StrictModel):
     pretrain_batch_size: int = Field(16, ge=1)
     pretrain_seq_len: int = Field(128, ge=16)
     pretrain_lr: float = Field(3e-3, gt=0)
-    pretrain_copy_every: int = Field(
-        2, ge=0, description="Every k-th pretraining block is a random token run written twice (teaches copying); 0 = never."
-    )
+    pretrain_mix: CurriculumMix = Field(default_factory=CurriculumMix, description="What pretraining blocks teach "
+                                        "(models/curriculum.py): text, copying by content, lookup by key.")
+    pretrain_bf16: bool = Field(False, description="Pretrain under bfloat16 autocast (fast with AMX / AVX-512 bf16; "
+                                                   "slow where the CPU emulates it).")
     corpus_max_chars: int = Field(4_000_000, ge=10_000, description="Cap on docstring text gathered.")
     tokenizer_extra_files: list[str] = Field(
         default_factory=lambda: ["data/orders.jsonl"],
@@ -63,6 +72,9 @@ class EmbeddedBuildConfig(StrictModel):
         "words become single tokens; paths relative to the repo root.",
     )
     seed: int = 0
+    shipped: str | None = Field(
+        None, description="Folder (relative to the repo root) of weights built once by `smelt embedded build` and "
+        "committed; they are loaded, hash-checked, instead of pretraining. Its manifest's config must equal this one.")
 
 
 class ModelConfig(StrictModel):

@@ -6,9 +6,12 @@ docstrings), so it arrives at fine-tuning with some grasp of English and of copy
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import random
+import shutil
 import sysconfig
+import time
 from pathlib import Path
 
 import torch
@@ -16,10 +19,12 @@ from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as tok_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from models import shipped
 from models.artifacts import Artifact, artifact, digest, write_json
 from models.chat import EMBEDDED_CHAT_TEMPLATE
 from models.config import EmbeddedBuildConfig, TinyLlamaSpec
-from models.training import FitSpec, TokenBlocks, fit
+from models.curriculum import Curriculum
+from models.training import FitSpec, fit
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +112,7 @@ def read_extra_texts(files: list[Path]) -> list[str]:
 TOKENIZER_CODE = ("models.embedded",)
 # The base is pretrained by this module and the training loop; nothing in serving/ or tasks/ decides
 # its weights, so editing those must not re-pretrain it (minutes).
-BASE_CODE = ("models.embedded", "models.training")
+BASE_CODE = ("models.embedded", "models.curriculum", "models.training")
 DRAFT_INIT_CODE = ("models.embedded",)  # an untrained same-tokenizer Llama: new_llama alone
 
 
@@ -129,8 +134,13 @@ def pretraining_texts(cfg: EmbeddedBuildConfig) -> list[str]:
 
 
 def build_embedded_tokenizer(cfg: EmbeddedBuildConfig, home: Path, root: Path) -> Path:
-    """Build (or reuse) the embedded BPE tokenizer alone: seconds, so ETL can count tokens before
+    """The shipped tokenizer when `cfg.shipped` is set (hash-checked), else built here.
+
+    Build (or reuse) the embedded BPE tokenizer alone: seconds, so ETL can count tokens before
     the base is pretrained. The base built later loads this very tokenizer."""
+    if cfg.shipped:
+        return shipped_release(cfg, root) / "base"
+
     def make(tmp: Path) -> None:
         extra_files = [p if p.is_absolute() else root / p for p in map(Path, cfg.tokenizer_extra_files)]
         texts = pretraining_texts(cfg)
@@ -141,13 +151,28 @@ def build_embedded_tokenizer(cfg: EmbeddedBuildConfig, home: Path, root: Path) -
     return tokenizer_artifact(cfg, home, root).ensure(make)
 
 
-def pretrain_base(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, device: torch.device, tmp: Path) -> None:
-    texts = pretraining_texts(cfg)
+def pretraining_blocks(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast) -> Curriculum:
+    """The curriculum (models/curriculum.py): one fresh block per sequence the base will see."""
+    ids: list[int] = []
+    for enc in tokenizer(pretraining_texts(cfg), add_special_tokens=False)["input_ids"]:
+        ids.extend(enc + [tokenizer.bos_token_id])
+    return Curriculum(ids, tokenizer, cfg.pretrain_seq_len, cfg.pretrain_steps * cfg.pretrain_batch_size,
+                      cfg.pretrain_mix, cfg.seed)
+
+
+def pretrain(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, device: torch.device,
+             checkpoint_dir: Path | None = None) -> tuple[LlamaForCausalLM, dict]:
+    """A new base trained on the curriculum; (model, fit's stats with its loss history)."""
     base = new_llama(cfg.base, tokenizer, cfg.seed)
-    blocks = TokenBlocks.from_texts(texts, tokenizer, cfg.pretrain_seq_len, cfg.pretrain_copy_every, cfg.seed)
-    stats = fit(base, blocks, FitSpec(steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
-                                      seed=cfg.seed, desc="pretrain base", log_every=max(1, cfg.pretrain_steps // 20)),
-                device=device)
+    blocks = pretraining_blocks(cfg, tokenizer)
+    spec = FitSpec(steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, seed=cfg.seed,
+                   desc="pretrain base", log_every=max(1, cfg.pretrain_steps // 50), bf16=cfg.pretrain_bf16,
+                   checkpoint_every=max(1, cfg.pretrain_steps // 20) if checkpoint_dir else 0, keep_checkpoints=1)
+    return base, fit(base, blocks, spec, device=device, checkpoint_dir=checkpoint_dir)
+
+
+def pretrain_base(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, device: torch.device, tmp: Path) -> None:
+    base, stats = pretrain(cfg, tokenizer, device)
     stats.pop("history")
     base.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -166,6 +191,8 @@ def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, r
     Returns (base_dir, draft_init_dir), each content-addressed by `cfg`, the tokenizer it carries
     and the code that makes it.
     """
+    if cfg.shipped:
+        return unpack_release(cfg, home, root)
     tok_dir = build_embedded_tokenizer(cfg, home, root)
     base = artifact(home / "models", "base", cfg, tok_dir.name, code=BASE_CODE)
     draft = artifact(home / "models", "draft-init", cfg, tok_dir.name, code=DRAFT_INIT_CODE)
@@ -174,3 +201,77 @@ def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, r
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     return (base.ensure(lambda tmp: pretrain_base(cfg, tokenizer, device, tmp)),
             draft.ensure(lambda tmp: save_draft_init(cfg, tokenizer, tmp)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped weights: built once by `smelt embedded build`, committed, loaded by every run.
+
+def rebuild_command(cfg: EmbeddedBuildConfig) -> str:
+    return f"uv run smelt embedded build --config tiny-cpu --out {cfg.shipped or 'DIR'}"
+
+
+def shipped_release(cfg: EmbeddedBuildConfig, root: Path) -> Path:
+    """The release folder named by `cfg.shipped`, every file hash-checked and its config equal to `cfg`."""
+    path = root / cfg.shipped
+    manifest = shipped.verify(path, rebuild_command(cfg))
+    wanted = cfg.model_dump(mode="json", exclude={"shipped"})
+    if manifest["config"] != wanted:
+        differ = sorted(k for k in wanted if manifest["config"].get(k) != wanted[k])
+        raise shipped.ShippedWeightsError(
+            f"model.embedded differs from the build in {path / shipped.MANIFEST} (fields: {', '.join(differ)}): "
+            f"the shipped weights were made with other settings. Set model.embedded.shipped=null to build these "
+            f"settings locally, or rebuild the release with: {rebuild_command(cfg)}")
+    return path
+
+
+def unpack_release(cfg: EmbeddedBuildConfig, home: Path, root: Path) -> tuple[Path, Path]:
+    """(base, draft_init) in fp32 under SMELT_HOME, converted once from the shipped bf16 files.
+
+    Everything downstream (fine-tuning, quantization, the fp32 reference candidate) starts from the
+    same full-precision weights as a locally pretrained base would give.
+    """
+    release = shipped_release(cfg, root)
+    key = json.loads((release / shipped.MANIFEST).read_text())["files"]
+
+    def unpack(name: str):
+        def make(tmp: Path) -> None:
+            model = LlamaForCausalLM.from_pretrained(release / name, dtype=torch.float32)
+            model.save_pretrained(tmp)
+            PreTrainedTokenizerFast.from_pretrained(release / "base").save_pretrained(tmp)
+            shutil.copy(release / shipped.MANIFEST, tmp / "shipped_manifest.json")
+        return artifact(home / "models", f"shipped-{name}", key, code=("models.embedded",)).ensure(make)
+
+    return unpack("base"), unpack("draft")
+
+
+def build_release(cfg: EmbeddedBuildConfig, out: Path, home: Path, device: torch.device, root: Path,
+                  command: str) -> dict:
+    """Pretrain the base on the curriculum and write base + draft init + tokenizer to `out` as bf16
+    safetensors with a manifest; resumable (checkpoints under SMELT_HOME). Returns the manifest."""
+    cfg = cfg.model_copy(update={"shipped": None})
+    tok_dir = build_embedded_tokenizer(cfg, home, root)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    work = artifact(home / "embedded-build", "release", cfg, tok_dir.name, code=BASE_CODE).path
+    started = time.time()
+    base, stats = pretrain(cfg, tokenizer, device, checkpoint_dir=work / "checkpoints")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # bf16 halves the files; fp32 is restored at load (unpack_release), losing only the low mantissa bits
+    base.to(torch.bfloat16).save_pretrained(tmp / "base")
+    tokenizer.save_pretrained(tmp / "base")
+    new_llama(cfg.draft, tokenizer, cfg.seed + 1).to(torch.bfloat16).save_pretrained(tmp / "draft")
+    tokenizer.save_pretrained(tmp / "draft")
+    history = stats.pop("history")
+    manifest = {
+        "kind": "smelt-embedded-release",
+        "command": command,
+        "config": cfg.model_dump(mode="json", exclude={"shipped"}),
+        "seed": cfg.seed,
+        "tokens_seen": cfg.pretrain_steps * cfg.pretrain_batch_size * cfg.pretrain_seq_len,
+        "parameters": {"base": base.num_parameters(), "draft": sum(p.numel() for p in new_llama(cfg.draft, tokenizer, 0).parameters())},
+        "loss_curve": [{"step": h["step"], "loss": round(h["loss"], 4)} for h in history],
+        "train": {k: v for k, v in stats.items() if k in ("final_loss", "train_seconds", "train_tokens_per_s", "resumed_from_step")},
+        "wall_seconds": round(time.time() - started, 1),
+        "machine": shipped.machine(),
+    }
+    return shipped.publish(tmp, out, manifest)

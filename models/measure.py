@@ -3,6 +3,7 @@ weight bytes a decode step reads, peak memory while a candidate runs, and aggreg
 concurrent requests (through the engine the service uses)."""
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from functools import lru_cache
@@ -89,3 +90,26 @@ def concurrent_throughput(candidate: Candidate, prompt_texts: list[str], max_new
     finally:
         engine.close()
     return {"concurrent_streams": streams, "concurrent_tokens_per_s": sum(g.new_tokens for g in gens) / seconds}
+
+
+def interleaved_speeds(candidates: list[Candidate], contexts: list, passes: int) -> list[dict]:
+    """Batch-1 tokens/s of every candidate on the same prompts, timed in `passes` rounds.
+
+    Each round times every candidate once, in an order rotated by one per round, so a slow stretch
+    of a noisy machine (another process, frequency changes) is shared out instead of landing on
+    whichever candidate ran then. Returns, per candidate, the median over rounds, the spread
+    (max - min) / median, and the rounds themselves.
+    """
+    rounds: list[list[float]] = [[] for _ in candidates]
+    n = len(candidates)
+    for p in range(passes):
+        for i in [(p + k) % n for k in range(n)]:
+            t0 = time.perf_counter()
+            tokens = sum(candidates[i].generate(c).new_tokens for c in contexts)
+            rounds[i].append(tokens / (time.perf_counter() - t0))
+    out = []
+    for r in rounds:
+        mid = statistics.median(r)
+        out.append({"tokens_per_s": mid, "tokens_per_s_spread": (max(r) - min(r)) / mid if mid else None,
+                    "tokens_per_s_passes": [round(x, 2) for x in r]})
+    return out

@@ -32,42 +32,6 @@ log = logging.getLogger(__name__)
 Logger = Callable[[int, dict], None]  # (step, metrics) -> None; called on the main process only
 
 
-class TokenBlocks(Dataset):
-    """Texts joined by EOS into one token stream and cut into fixed-length blocks."""
-
-    def __init__(self, blocks: torch.Tensor):
-        self.blocks = blocks  # [n_blocks, seq_len]
-
-    @classmethod
-    def from_texts(cls, texts: list[str], tokenizer, seq_len: int, copy_every: int = 0, seed: int = 0) -> "TokenBlocks":
-        """Texts joined by EOS and cut into blocks of `seq_len` tokens.
-
-        `copy_every=k` makes every k-th block a random token sequence written twice: its second
-        half is predictable only by looking back and copying, which grows induction (copy) heads
-        within a few hundred steps. Brief pretraining on text alone leaves a base that cannot
-        copy a name from a prompt, and fine-tuning then cannot teach it in minutes.
-        """
-        ids: list[int] = []
-        for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-            ids.extend(enc + [tokenizer.bos_token_id])
-        n = len(ids) // seq_len
-        blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)  # [n_blocks, seq_len]
-        if copy_every:
-            gen = torch.Generator().manual_seed(seed)
-            half = seq_len // 2
-            rows = blocks[::copy_every]  # a view: writes land in `blocks`
-            vocab = torch.unique(blocks)  # draw from tokens real text uses, not unused special ids
-            rows[:, :half] = vocab[torch.randint(len(vocab), (len(rows), half), generator=gen)]
-            rows[:, half: 2 * half] = rows[:, :half]
-        return cls(blocks)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.blocks[i].tolist(), "labels": self.blocks[i].tolist()}
-
-
 class ExampleSet(Dataset):
     def __init__(self, examples: list[Example]):
         self.examples = examples
@@ -168,6 +132,7 @@ class FitSpec:
     min_delta: float = 0.0
     packing: bool = False
     max_seq_len: int = 0  # packing only
+    bf16: bool = False  # forward under bfloat16 autocast (weights and optimizer stay fp32)
 
 
 def spec_from(cfg, *, steps: int, lr: float, desc: str, n_rows: int) -> FitSpec:
@@ -361,7 +326,8 @@ def fit(
             with ctx:
                 # sum over this micro-batch / tokens of the global batch; DDP averages gradients over
                 # processes, so multiply by their number to get the global sum back
-                loss = batch_loss(model, batch, n_labels)
+                with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=spec.bf16):
+                    loss = batch_loss(model, batch, n_labels)
                 acc.backward(loss * world)
             step_loss += loss.item()
             step_tokens += sum(len(rows[i]["input_ids"]) for i in idx)

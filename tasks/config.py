@@ -69,6 +69,10 @@ class EvalConfig(StrictModel):
                     "'smelt-embedded' is this dataset's eval split as a local lm-eval task; tasks whose dataset must come "
                     "from the hub are skipped with a message when offline.",
     )
+    timing_passes: int = Field(3, ge=1, le=50, description="Interleaved rounds that time every candidate's batch-1 "
+                                                             "tokens/s on the same prompts; the median is the speed, "
+                                                             "(max - min) / median its spread.")
+    timing_prompts: int = Field(16, ge=1, description="Eval prompts each timing round decodes per candidate.")
     lm_eval_limit: int | None = Field(None, ge=1, description="Documents per lm-eval task; None: all (the embedded task: max_samples).")
 
 

@@ -21,7 +21,7 @@ from models.chat import render_context, row_context, row_messages, tokenize_conv
 from models.config import DecodeConfig
 from models.decoding import Generation, decode_rate
 from models.device import resolve_device
-from models.measure import PeakMemory, concurrent_throughput, memory_bandwidth, weight_bytes
+from models.measure import PeakMemory, concurrent_throughput, interleaved_speeds, memory_bandwidth, weight_bytes
 from models.quant import quant_meta, quantize_model
 from tasks.caching import STAGE_CACHE
 from tasks.config import EvalConfig
@@ -138,16 +138,36 @@ def eval_split_key(dataset: DatasetVersion, cfg: EvalConfig) -> str:
     return digest("eval-split", dataset.version, cfg)
 
 
+def evaluate_candidates(candidate_dirs: list[Path], dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> list[EvalReport]:
+    """Accuracy and speed of candidates evaluated together (their speed in interleaved passes, so a
+    slow minute of the machine lands on all of them); cached by the set, dataset version and config."""
+    names = [Path(c).name for c in candidate_dirs]
+    cache = artifact(home / "evals", "eval", names, eval_split_key(dataset, cfg), code=EVAL_CODE, suffix=".json")
+    measured = cache.ensure_json(lambda: [r.model_dump(mode="json") for r in measure_candidates(candidate_dirs, dataset, cfg, home)])
+    return [EvalReport.model_validate(m) for m in measured]
+
+
 def evaluate_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> EvalReport:
-    """Accuracy and speed of one candidate; cached by candidate, dataset version and config."""
-    cache = artifact(home / "evals", "eval", candidate_dir.name, eval_split_key(dataset, cfg), code=EVAL_CODE, suffix=".json")
-    measured = cache.ensure_json(lambda: measure_candidate(candidate_dir, dataset, cfg, home).model_dump(mode="json"))
-    return EvalReport.model_validate(measured)
+    return evaluate_candidates([candidate_dir], dataset, cfg, home)[0]
 
 
-def measure_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> EvalReport:
+def measure_candidates(candidate_dirs: list[Path], dataset: DatasetVersion, cfg: EvalConfig, home: Path) -> list[EvalReport]:
+    """Each candidate's accuracy pass in turn (it stays loaded), then the speed passes over all of them."""
     rows = dataset.rows("eval")[: cfg.max_samples]
     device = resolve_device(cfg.device)
+    loaded, measured = [], []
+    for d in candidate_dirs:
+        cand, numbers = measure_candidate(Path(d), rows, eval_split_key(dataset, cfg), cfg, home, device)
+        loaded.append(cand)
+        measured.append(numbers)
+    timing_contexts = [row_context(r) for r in rows[: cfg.timing_prompts]]
+    speeds = interleaved_speeds(loaded, timing_contexts, cfg.timing_passes)
+    return [EvalReport.model_validate({**m, **s}) for m, s in zip(measured, speeds)]
+
+
+def measure_candidate(candidate_dir: Path, rows: list[dict], split: str, cfg: EvalConfig, home: Path,
+                      device: torch.device) -> tuple:
+    """(the loaded candidate, its numbers): outputs on every eval row, latencies, memory, perplexity."""
     with PeakMemory(device) as memory:
         t0 = time.perf_counter()
         cand = load_candidate(candidate_dir, device)
@@ -163,7 +183,7 @@ def measure_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCon
         "quant_method": cand.recipe.quant_method,
         "strategy": cand.recipe.strategy,
         "draft_artifact": cand.recipe.draft_model,
-        "eval_split": eval_split_key(dataset, cfg),
+        "eval_split": split,
         "size_bytes": dir_size_bytes(candidate_dir),
         "load_s": load_s,
         "peak_memory_bytes": memory.peak_bytes,
@@ -175,7 +195,7 @@ def measure_candidate(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalCon
     }
     measured.update(speed_of_memory(measured, candidate_dir / "model", device))
     measured["lm_eval"] = benchmark_candidate(cand, rows, cfg, home / "lm-eval" / candidate_dir.name)
-    return EvalReport.model_validate(measured)
+    return cand, measured
 
 
 def benchmark_candidate(cand, rows: list[dict], cfg: EvalConfig, workdir: Path) -> dict | None:
@@ -219,6 +239,11 @@ def build_reference_task(base: str, finetuned: Path, cfg: DecodeConfig, home: st
     return build_reference(base, finetuned, cfg, Path(home))
 
 
-@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True, task_run_name="evaluate-{candidate_dir.name}")
-def evaluate_task(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: str) -> EvalReport:
+@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
+def evaluate_task(candidate_dirs: list[Path], dataset: DatasetVersion, cfg: EvalConfig, home: str) -> list[EvalReport]:
+    return evaluate_candidates(candidate_dirs, dataset, cfg, Path(home))
+
+
+@task(name="evaluate-base", cache_policy=STAGE_CACHE, persist_result=True)
+def evaluate_base_task(candidate_dir: Path, dataset: DatasetVersion, cfg: EvalConfig, home: str) -> EvalReport:
     return evaluate_candidate(candidate_dir, dataset, cfg, Path(home))

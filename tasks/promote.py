@@ -50,7 +50,12 @@ class Promotion:
 
 
 def gate(challenger: dict, champion: dict | None, cfg: RegistryConfig) -> tuple[bool, str]:
-    """Challenger replaces champion only if not less accurate (minus tolerance) and not much slower."""
+    """Challenger replaces champion only if not less accurate (minus tolerance) and not much slower.
+
+    "Much slower" is only decidable when timing noise is smaller than the margin: if either side's
+    tokens/s moved across its interleaved passes by as much as `speed_margin`, the gate refuses to
+    decide (no promotion) rather than let noise choose.
+    """
     if champion is None:
         return True, "no champion yet"
     m, label = cfg.gate_metric, cfg.gate_metric.replace("_", " ")
@@ -58,20 +63,28 @@ def gate(challenger: dict, champion: dict | None, cfg: RegistryConfig) -> tuple[
     speed_floor = champion["tokens_per_s"] * (1 - cfg.speed_margin)
     if challenger[m] < acc_floor:
         return False, f"{label} {challenger[m]:.3f} < champion {champion[m]:.3f} - tolerance {cfg.accuracy_tolerance}"
+    spread = max(challenger.get("tokens_per_s_spread") or 0.0, champion.get("tokens_per_s_spread") or 0.0)
+    if spread >= cfg.speed_margin:
+        return False, (f"cannot decide: tokens/s moved {spread:.1%} across timing passes, not less than the speed margin "
+                       f"{cfg.speed_margin:.0%}; rerun on a quieter machine, add eval.timing_passes, or widen "
+                       f"registry.speed_margin")
     if challenger["tokens_per_s"] < speed_floor:
         return False, f"{challenger['tokens_per_s']:.1f} tok/s < champion {champion['tokens_per_s']:.1f} x (1 - {cfg.speed_margin})"
     return True, (f"{label} {challenger[m]:.3f} >= {acc_floor:.3f} and "
-                  f"{challenger['tokens_per_s']:.1f} tok/s >= {speed_floor:.1f}")
+                  f"{challenger['tokens_per_s']:.1f} tok/s >= {speed_floor:.1f} (spread {spread:.1%} < margin {cfg.speed_margin:.0%})")
 
 
 def version_metrics(version, metric: str = "exact_match") -> dict | None:
     """The gate's numbers as recorded on a model version by the register stage (None if absent)."""
     try:
-        return {metric: float(version.tags[f"smelt.{metric}"]),
-                "tokens_per_s": float(version.tags["smelt.tokens_per_s"]),
-                "eval_split": version.tags.get("smelt.eval_split")}
+        numbers = {metric: float(version.tags[f"smelt.{metric}"]),
+                   "tokens_per_s": float(version.tags["smelt.tokens_per_s"]),
+                   "eval_split": version.tags.get("smelt.eval_split")}
     except (KeyError, ValueError):
         return None
+    spread = version.tags.get("smelt.tokens_per_s_spread")
+    numbers["tokens_per_s_spread"] = float(spread) if spread is not None else None
+    return numbers
 
 
 def get_version(client: MlflowClient, name: str, version: str):

@@ -108,7 +108,8 @@ def champion_on_split(client: MlflowClient, name: str, dataset: DatasetVersion, 
         cand = local if (local / RECIPE).exists() else download_candidate(name, champ.version, Path(tmp))
         report = evaluate_candidate(cand, dataset, cfg.eval, home)
     metric = cfg.registry.gate_metric
-    return {metric: getattr(report, metric), "tokens_per_s": report.tokens_per_s, "eval_split": split,
+    return {metric: getattr(report, metric), "tokens_per_s": report.tokens_per_s,
+            "tokens_per_s_spread": report.tokens_per_s_spread, "eval_split": split,
             "reevaluated_version": str(champ.version)}
 
 

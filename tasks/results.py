@@ -94,7 +94,10 @@ class EvalReport(Result):
     field_f1: Annotated[float, Metric("field F1", "{:.1%}", table=True, summary=True)] = 0.0
     perplexity: Annotated[Optional[float], Metric("ppl", "{:.2f}", table=True, summary=True)] = None
     # speed at batch 1, and of concurrent requests through the serving engine
+    # tokens_per_s: the median of interleaved timing passes (models/measure.py: interleaved_speeds);
+    # the spread, (max - min) / median over those passes, says how far noise could move it
     tokens_per_s: Annotated[float, TOKENS_PER_S] = 0.0
+    tokens_per_s_spread: Annotated[Optional[float], Metric("± spread", "{:.1%}", table=True, summary=True)] = None
     decode_tokens_per_s: Annotated[Optional[float], DECODE_TOKENS_PER_S] = None
     ttft_s: Annotated[Optional[float], TTFT_S] = None
     latency_p50_s: Annotated[Optional[float], Metric("p50 s", "{:.3f}", table=True)] = None
@@ -110,6 +113,7 @@ class EvalReport(Result):
     load_s: Annotated[Optional[float], Metric("load s", "{:.2f}")] = None
     # what the numbers rest on
     latencies_s: list[float] = []
+    tokens_per_s_passes: list[float] = []
     new_tokens: int = 0
     samples: int = 0
     concurrent_streams: Optional[int] = None

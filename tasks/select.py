@@ -34,8 +34,25 @@ def rejections(report: EvalReport, ref: EvalReport, base: EvalReport | None, cfg
     return why
 
 
+def spread_of(report: EvalReport, speed: str) -> float:
+    """How far timing noise moved this speed across interleaved passes (0 where it was not measured)."""
+    return (report.tokens_per_s_spread or 0.0) if speed == "tokens_per_s" else 0.0
+
+
+def within_noise(a: EvalReport, b: EvalReport, speed: str) -> bool:
+    """True when the two speeds differ by less than either one's spread: the order could flip on a rerun."""
+    fast_a, fast_b = getattr(a, speed) or 0.0, getattr(b, speed) or 0.0
+    top = max(fast_a, fast_b)
+    return top > 0 and abs(fast_a - fast_b) / top < max(spread_of(a, speed), spread_of(b, speed))
+
+
 def select_candidate(reports: list[EvalReport], base: EvalReport | None, cfg: SelectConfig) -> Selection:
-    """The chosen candidate's index (None: none accepted), the accepted ones, and a reason per candidate."""
+    """The chosen candidate's index (None: none accepted), the accepted ones, and a reason per candidate.
+
+    fastest-within: the fastest accepted candidate by median tokens/s; candidates whose speed is
+    within the timing spread of the fastest are tied with it, and a tie goes to the more accurate,
+    then the one with fewer weight bytes (both deterministic), so noise cannot flip the choice.
+    """
     ref = full_precision_reference(reports)
     verdicts = [rejections(r, ref, base, cfg) for r in reports]
     accepted = [i for i, why in enumerate(verdicts) if not why]
@@ -44,22 +61,32 @@ def select_candidate(reports: list[EvalReport], base: EvalReport | None, cfg: Se
     def numbers(r: EvalReport) -> tuple[float, float]:
         return getattr(r, speed) or 0.0, getattr(r, metric)
 
-    def rank(i: int) -> tuple:
+    def by_accuracy(i: int) -> tuple:
         fast, accurate = numbers(reports[i])
-        key = (fast, accurate) if cfg.policy == "fastest-within" else (accurate, fast)
-        return key + (-i,)  # ties: the earlier candidate (stable across reruns)
+        return accurate, fast, -i  # ties: the earlier candidate (stable across reruns)
 
-    chosen = max(accepted, key=rank) if accepted else None
+    tied: list[int] = []
+    if not accepted:
+        chosen = None
+    elif cfg.policy == "fastest-within":
+        fastest = max(accepted, key=lambda i: (numbers(reports[i])[0], -i))
+        tied = [i for i in accepted if i == fastest or within_noise(reports[i], reports[fastest], speed)]
+        chosen = max(tied, key=lambda i: (numbers(reports[i])[1], -(reports[i].weight_bytes or 0), numbers(reports[i])[0], -i))
+    else:
+        chosen = max(accepted, key=by_accuracy)
     reasons = []
     for i, r in enumerate(reports):
         fast, accurate = numbers(r)
-        said = f"{metric} {accurate:.1%}, {fast:.0f} {speed}"
+        said = f"{metric} {accurate:.1%}, {fast:.0f} {speed}" + (f" ±{spread_of(r, speed):.0%}" if spread_of(r, speed) else "")
         if i == chosen:
             what = "fastest" if cfg.policy == "fastest-within" else "most accurate"
+            if len(tied) > 1:
+                what = f"fastest within timing noise of {len(tied) - 1} other(s), then most accurate and smallest"
             reasons.append(f"chosen: {what} accepted candidate ({said})")
         elif i in accepted:
             best_fast, best_accurate = numbers(reports[chosen])
-            reasons.append(f"accepted, not chosen: {said} vs the chosen {best_fast:.0f} {speed}, {best_accurate:.1%}")
+            tie = " (within timing noise of the chosen)" if i in tied else ""
+            reasons.append(f"accepted, not chosen{tie}: {said} vs the chosen {best_fast:.0f} {speed}, {best_accurate:.1%}")
         else:
             reasons.append("rejected: " + "; ".join(verdicts[i]))
     return Selection(chosen=chosen, accepted=accepted, reasons=reasons, policy=cfg.model_dump(), reference=ref.candidate,

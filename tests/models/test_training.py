@@ -13,7 +13,6 @@ from models.training import (
     FitSpec,
     PackedSet,
     PadCollator,
-    TokenBlocks,
     batch_loss,
     fit,
     label_tokens,
@@ -48,16 +47,6 @@ def test_prompt_tokens_carry_no_loss(tok):
     assert 0 < n_prompt < len(ex.labels)
     assert ex.labels[n_prompt:] == ex.input_ids[n_prompt:]
     assert tok.decode(ex.input_ids[n_prompt:]).startswith("4")
-
-
-def test_copy_blocks_repeat_a_random_run_of_real_tokens(tok):
-    texts = [f"function number {i} returns a value for the caller" for i in range(60)]
-    plain = TokenBlocks.from_texts(texts, tok, 32).blocks
-    blocks = TokenBlocks.from_texts(texts, tok, 32, copy_every=2, seed=0).blocks
-    assert torch.equal(blocks[0, :16], blocks[0, 16:]) and torch.equal(blocks[2, :16], blocks[2, 16:])
-    assert not torch.equal(blocks[0], plain[0])  # replaced by a random run...
-    assert set(blocks[0].tolist()) <= set(plain.flatten().tolist())  # ...of tokens real text uses
-    assert torch.equal(blocks[1], plain[1])  # other blocks stay real text
 
 
 def test_fit_lowers_the_loss_and_reports_what_it_did(tiny_model_dir, tok):

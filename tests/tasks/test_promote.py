@@ -53,6 +53,14 @@ def test_gate_numbers():
     assert not ok and "150.0 tok/s < champion 200.0" in why
 
 
+def test_the_gate_cannot_decide_when_timing_noise_reaches_the_speed_margin():
+    champ = {**metrics(0.80, 200.0), "tokens_per_s_spread": 0.03}
+    assert gate({**metrics(0.80, 195.0), "tokens_per_s_spread": 0.04}, champ, CFG)[0]
+    for noisy in ({**metrics(0.80, 195.0), "tokens_per_s_spread": 0.12}, metrics(0.80, 195.0)):
+        ok, why = gate(noisy, {**champ, "tokens_per_s_spread": 0.12 if "tokens_per_s_spread" not in noisy else 0.03}, CFG)
+        assert not ok and why.startswith("cannot decide: tokens/s moved 12.0% across timing passes")
+
+
 def test_the_gate_compares_the_configured_accuracy_metric(registry):
     client, add, home = registry
     f1 = RegistryConfig(accuracy_tolerance=0.02, speed_margin=0.10, gate_metric="field_f1")

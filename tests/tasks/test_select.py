@@ -59,3 +59,23 @@ def test_the_metric_is_configurable():
 def test_selection_needs_the_full_precision_reference():
     with pytest.raises(ValueError, match="add 'none' to quant.methods"):
         select_candidate([cand("q", "gptq-int4", "plain", 0.5, 100)], BASE, SelectConfig())
+
+
+def timed(name, quant, strategy, em, tps, spread, weights):
+    r = cand(name, quant, strategy, em, tps)
+    return r.model_copy(update={"tokens_per_s_spread": spread, "weight_bytes": weights})
+
+
+def test_speeds_within_the_timing_spread_are_a_tie_that_goes_to_accuracy_then_size():
+    reports = [timed("fp-plain", "none", "plain", 0.80, 100, 0.02, 40),
+               timed("fp-draft", "none", "draft", 0.80, 210, 0.08, 40),      # fastest median...
+               timed("int8-draft", "torchao-int8-dyn", "draft", 0.80, 200, 0.03, 10)]  # ...but within its 8% spread
+    sel = select_candidate(reports, BASE, SelectConfig())
+    assert sel.chosen == 2, sel.reasons
+    assert "within timing noise" in sel.reasons[2] and "within timing noise of the chosen" in sel.reasons[1]
+    # the same medians measured without noise: the faster one wins outright
+    quiet = [r.model_copy(update={"tokens_per_s_spread": 0.01}) for r in reports]
+    assert select_candidate(quiet, BASE, SelectConfig()).chosen == 1
+    # a tie never overrides accuracy: the more accurate of two tied candidates wins
+    reports[1] = reports[1].model_copy(update={"exact_match": 0.81})
+    assert select_candidate(reports, BASE, SelectConfig()).chosen == 1

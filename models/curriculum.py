@@ -1,0 +1,123 @@
+"""Pretraining blocks for the embedded base: text, copy blocks and key-value records.
+
+A base that has read only docstrings cannot copy a name out of a prompt, and LoRA cannot grow that
+ability in minutes. Two synthetic kinds of block teach it during pretraining, each drawn fresh
+(no block repeats, so the model cannot memorise the content and must look it up):
+
+- **copy**: a text window with spans of random words written twice at varied distances; only the
+  second occurrence is a target (the first is unpredictable), so the loss rewards copying by content.
+- **record**: fields written as `key: value` in a random format, then restated as JSON in another
+  order; the model must find each key's value in the source (lookup by key, not by position).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.data import Dataset
+
+from models.config import CurriculumMix
+
+IGNORE = -100
+
+
+def word_ids(tokenizer) -> list[int]:
+    """Vocabulary entries that are whole alphabetic words (task words included: the tokenizer saw them)."""
+    out = []
+    for tok, i in tokenizer.get_vocab().items():
+        text = tokenizer.convert_tokens_to_string([tok])
+        if len(text) >= 2 and text.isalpha() and text.isascii():
+            out.append(i)
+    return sorted(out)
+
+
+class Curriculum(Dataset):
+    """`n_blocks` blocks of exactly `seq_len` tokens, block i decided by (seed, i) alone.
+
+    Blocks are generated at construction (a few seconds for tens of thousands) so the training
+    loop indexes tensors, and a resumed run sees exactly the blocks it would have seen.
+    """
+
+    def __init__(self, text_ids: list[int], tokenizer, seq_len: int, n_blocks: int, mix: CurriculumMix, seed: int):
+        if len(text_ids) <= seq_len:
+            raise ValueError(f"pretraining corpus has {len(text_ids)} tokens, fewer than one block of {seq_len}")
+        self.text = torch.tensor(text_ids)  # [corpus_tokens]
+        self.seq_len, self.eos = seq_len, tokenizer.bos_token_id
+        self.words = word_ids(tokenizer)
+        self.space = tokenizer.encode(" ", add_special_tokens=False)[0]
+        self.word_strs = [tokenizer.decode([i]) for i in self.words]
+        self.tokenizer = tokenizer
+        weights = [mix.text, mix.copy_spans, mix.records]
+        if sum(weights) <= 0:
+            raise ValueError("pretrain_mix: every share is zero")
+        rng = random.Random(seed)
+        kinds = rng.choices(range(3), weights=weights, k=n_blocks)
+        makers = (self.text_block, self.copy_block, self.record_block)
+        ids = torch.empty(n_blocks, seq_len, dtype=torch.long)  # [n_blocks, seq_len]
+        labels = torch.empty(n_blocks, seq_len, dtype=torch.long)
+        for i, kind in enumerate(kinds):
+            r = random.Random(seed * 1_000_003 + i)
+            ids[i], labels[i] = makers[kind](r)
+        self.ids, self.labels, self.kinds = ids, labels, kinds
+
+    def window(self, r: random.Random, n: int) -> torch.Tensor:
+        start = r.randrange(len(self.text) - n)
+        return self.text[start:start + n].clone()
+
+    def text_block(self, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.window(r, self.seq_len)
+        return ids, ids.clone()
+
+    def copy_block(self, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """1-3 spans of 3-24 tokens (random words and spaces), each written at p and again at q > p (distance varied)."""
+        ids = self.window(r, self.seq_len)
+        labels = ids.clone()
+        taken = torch.zeros(self.seq_len, dtype=torch.bool)
+        for _ in range(r.randint(1, 3)):
+            n = r.randint(3, 24)
+            p = r.randrange(0, self.seq_len - 2 * n)
+            q = r.randrange(p + n, self.seq_len - n + 1)
+            if taken[p:p + n].any() or taken[q:q + n].any():
+                continue
+            span = torch.tensor([self.space if j % 2 else r.choice(self.words) for j in range(n)])  # word, space, word...
+            ids[p:p + n], ids[q:q + n] = span, span
+            labels[p:p + n] = IGNORE  # the first sight of random words cannot be predicted
+            labels[q:q + n] = span
+            taken[p:p + n] = taken[q:q + n] = True
+        return ids, labels
+
+    def record_text(self, r: random.Random) -> tuple[str, str]:
+        """(source, json): 3-6 fields in one of several layouts, then the JSON in a shuffled order."""
+        keys = r.sample(self.word_strs, r.randint(3, 6))
+        values = [str(r.randint(0, 999)) if r.random() < 0.25 else " ".join(r.sample(self.word_strs, r.randint(1, 2)))
+                  for _ in keys]
+        layout = r.choice(["{k}: {v}", "{k} = {v}", "{k} {v}", "{v} ({k})", "{k} is {v}"])
+        sep = r.choice([", ", "; ", "\n", ". "])
+        source = sep.join(layout.format(k=k, v=v) for k, v in zip(keys, values))
+        order = list(range(len(keys)))
+        r.shuffle(order)
+        fields = [f'"{keys[j]}": ' + (values[j] if values[j].isdigit() else f'"{values[j]}"') for j in order]
+        return source, "{" + ", ".join(fields) + "}"
+
+    def record_block(self, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        while len(ids) < self.seq_len:
+            source, target = self.record_text(r)
+            src = self.tokenizer.encode(source + "\n", add_special_tokens=False)
+            tgt = self.tokenizer.encode(target, add_special_tokens=False) + [self.eos]
+            ids += src + tgt
+            labels += [IGNORE] * len(src) + tgt  # the values are random: only the restatement is learnable
+        return torch.tensor(ids[:self.seq_len]), torch.tensor(labels[:self.seq_len])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i].tolist(), "labels": self.labels[i].tolist()}
+
+
+def sample_text(block: dict, tokenizer) -> str:
+    """A block as text, for eyeballing what the base is taught (`smelt embedded build --show`)."""
+    return tokenizer.decode(block["input_ids"])
+

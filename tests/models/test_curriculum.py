@@ -1,0 +1,69 @@
+"""The pretraining curriculum (models/curriculum.py): what each kind of block teaches, and that it
+is fresh, deterministic and masked where the next token cannot be known."""
+import json
+
+import pytest
+import torch
+
+from models.config import CurriculumMix
+from models.curriculum import IGNORE, Curriculum, word_ids
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def text(tok):
+    return tok(" ".join(f"function number {i} returns a value for the caller." for i in range(200)),
+               add_special_tokens=False)["input_ids"]
+
+
+def only(kind: str) -> CurriculumMix:
+    return CurriculumMix(**{k: float(k == kind) for k in ("text", "copy_spans", "records")})
+
+
+def test_copy_blocks_repeat_random_words_and_learn_only_the_second_sighting(tok, text):
+    c = Curriculum(text, tok, 96, 20, only("copy_spans"), seed=0)
+    words = set(word_ids(tok))
+    for ids, labels in zip(c.ids, c.labels):
+        masked = (labels == IGNORE).nonzero().flatten().tolist()
+        assert masked, "the first sighting of a span is not a target"
+        # every masked run reappears later in the block as targets, token for token
+        runs, start = [], masked[0]
+        for a, b in zip(masked, masked[1:] + [None]):
+            if b != a + 1:
+                runs.append(ids[start:a + 1]); start = b
+        row = ids.tolist()
+        for run in runs:
+            span = run.tolist()
+            assert set(span[::2]) <= words  # word, space, word...
+            # ...and the same run appears where it is a target (its second sighting)
+            assert any(row[i:i + len(span)] == span and labels[i] != IGNORE for i in range(len(row) - len(span) + 1))
+
+
+def test_record_blocks_restate_the_source_as_json_with_only_the_json_as_target(tok, text):
+    c = Curriculum(text, tok, 128, 4, only("records"), seed=1)
+    ids, labels = c.ids[0], c.labels[0]
+    first_record = tok.decode(ids.tolist()).split(tok.bos_token)[0]
+    source, restated = first_record.rsplit("\n", 1)
+    fields = json.loads(restated)
+    for key, value in fields.items():
+        assert key in source and str(value) in source  # every value is found in the source, by its key
+    targets = tok.decode([t for t in labels.tolist() if t != IGNORE])
+    assert targets.startswith(restated)  # the source is context, the JSON is what is learnt
+
+
+def test_blocks_are_fresh_deterministic_and_mixed_as_asked(tok, text):
+    a = Curriculum(text, tok, 64, 60, CurriculumMix(), seed=3)
+    b = Curriculum(text, tok, 64, 60, CurriculumMix(), seed=3)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels)  # a resumed run sees the same blocks
+    assert a.ids.shape == (60, 64) and set(a.kinds) == {0, 1, 2}
+    copies = [i for i, k in enumerate(a.kinds) if k == 1]
+    assert len({tuple(a.ids[i].tolist()) for i in copies}) == len(copies)  # no copy block repeats
+    assert not torch.equal(Curriculum(text, tok, 64, 60, CurriculumMix(), seed=4).ids, a.ids)
+    with pytest.raises(ValueError, match="every share is zero"):
+        Curriculum(text, tok, 64, 2, CurriculumMix(text=0, copy_spans=0, records=0), seed=0)

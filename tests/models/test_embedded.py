@@ -1,0 +1,125 @@
+"""The embedded default's shipped weights (models/embedded.py, models/shipped.py): built by the
+command the repo ships, hash-checked at load, refused clearly when missing, altered or built from
+other settings, and fine-tuned with LoRA by the same code the pipeline runs."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from models.config import LoraConfig, ModelConfig, TrainConfig
+from models.embedded import build_release, shipped_release, unpack_release
+from models.shipped import MANIFEST, ShippedWeightsError, sha256_file, verify
+from tasks.config import REPO_ROOT, load_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def micro_release(tmp_path_factory):
+    """A release of the micro preset's settings, built by build_release (what `smelt embedded build` runs)."""
+    root = tmp_path_factory.mktemp("release")
+    (root / "data").mkdir()
+    shutil.copy(REPO_ROOT / "data" / "orders.jsonl", root / "data" / "orders.jsonl")
+    cfg = load_config("micro-cpu", ["model.embedded.pretrain_steps=3", "model.embedded.corpus_max_chars=20000"]).model.embedded
+    manifest = build_release(cfg, root / "weights", root / "home", CPU, root, "uv run smelt embedded build (test)")
+    return root, cfg.model_copy(update={"shipped": "weights"}), manifest
+
+
+def copy_of(release, tmp_path):
+    root, cfg, _ = release
+    shutil.copytree(root / "weights", tmp_path / "weights")
+    return tmp_path, cfg
+
+
+def test_a_release_holds_bf16_weights_and_a_manifest_of_how_they_were_made(micro_release):
+    root, cfg, manifest = micro_release
+    on_disk = json.loads((root / "weights" / MANIFEST).read_text())
+    assert on_disk == manifest
+    assert manifest["command"] == "uv run smelt embedded build (test)" and manifest["seed"] == cfg.seed
+    assert manifest["tokens_seen"] == 3 * cfg.pretrain_batch_size * cfg.pretrain_seq_len
+    assert [p["step"] for p in manifest["loss_curve"]] == [1, 2, 3]
+    assert "cpu_flags" in manifest["machine"] and manifest["config"]["base"] == cfg.base.model_dump()
+    assert {"base/model.safetensors", "draft/model.safetensors", "base/tokenizer.json"} <= set(manifest["files"])
+    assert all(sha256_file(root / "weights" / f) == h for f, h in manifest["files"].items())
+    assert json.loads((root / "weights" / "base" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert not (root / "weights.tmp").exists()
+
+
+def test_loading_unpacks_full_precision_copies_that_match_the_shipped_weights(micro_release):
+    root, cfg, _ = micro_release
+    base, draft = unpack_release(cfg, root / "home", root)
+    shipped = AutoModelForCausalLM.from_pretrained(root / "weights" / "base")
+    unpacked = AutoModelForCausalLM.from_pretrained(base)
+    assert next(unpacked.parameters()).dtype == torch.float32
+    assert all(torch.equal(a.float(), b) for a, b in zip(shipped.state_dict().values(), unpacked.state_dict().values()))
+    assert (draft / "tokenizer.json").exists() and AutoModelForCausalLM.from_pretrained(draft).num_parameters() < unpacked.num_parameters()
+
+
+def test_an_altered_file_is_refused_with_its_name_and_the_rebuild_command(micro_release, tmp_path):
+    root, cfg = copy_of(micro_release, tmp_path)
+    weights = root / "weights" / "base" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ShippedWeightsError, match=r"weights/base/model.safetensors does not match .*manifest.json.*"
+                                                  r"uv run smelt embedded build"):
+        shipped_release(cfg, root)
+
+
+def test_a_missing_file_or_manifest_is_refused_with_its_name(micro_release, tmp_path):
+    root, cfg = copy_of(micro_release, tmp_path)
+    (root / "weights" / "draft" / "model.safetensors").unlink()
+    with pytest.raises(ShippedWeightsError, match=r"weights/draft/model.safetensors is missing .*git checkout"):
+        shipped_release(cfg, root)
+    (root / "weights" / MANIFEST).unlink()
+    with pytest.raises(ShippedWeightsError, match=r"manifest.json is missing"):
+        verify(root / "weights", "the command")
+
+
+def test_settings_that_differ_from_the_build_are_refused(micro_release):
+    root, cfg, _ = micro_release
+    other = cfg.model_copy(update={"pretrain_lr": cfg.pretrain_lr * 2})
+    with pytest.raises(ShippedWeightsError, match=r"differs from the build .*fields: pretrain_lr.*shipped=null"):
+        shipped_release(other, root)
+
+
+def test_the_committed_tiny_cpu_release_matches_its_manifest_and_preset():
+    cfg = load_config("tiny-cpu", []).model.embedded
+    path = shipped_release(cfg, REPO_ROOT)  # every file hash-checked
+    manifest = json.loads((path / MANIFEST).read_text())
+    size = sum((path / f).stat().st_size for f in manifest["files"])
+    assert size <= 50e6, f"shipped weights are {size / 1e6:.1f} MB (budget 50 MB)"
+    # memory-bound scale: fp32 weights beyond a 32 MB L3 cache; the draft at least 8x smaller
+    assert manifest["parameters"]["base"] * 4 > 32 * 2**20
+    assert manifest["parameters"]["base"] >= 8 * manifest["parameters"]["draft"]
+
+
+def test_lora_fine_tunes_the_shipped_base_at_micro_scale(tmp_path):
+    """The default's LoRA path on the committed base (a few steps on a few rows): adapters learn,
+    the frozen base stays as shipped, and the merge is what gets quantized."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.etl import DatasetVersion
+    from tasks.train import finetune
+
+    cfg = load_config("tiny-cpu", []).model.embedded
+    base, _ = unpack_release(cfg, tmp_path / "home", REPO_ROOT)
+    rows = [json.loads(line) for line in (REPO_ROOT / "data" / "orders.jsonl").read_text().splitlines()[:24]]
+    msgs = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in rows]
+    (tmp_path / "ds").mkdir()
+    pq.write_table(pa.Table.from_pylist(msgs[:16]), tmp_path / "ds" / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(msgs[16:]), tmp_path / "ds" / "eval.parquet")
+    train = TrainConfig(method="lora", lora=LoraConfig(r=4, alpha=8), steps=4, batch_size=4, learning_rate=5e-3,
+                        max_seq_len=96, log_every=1, checkpoint_every=0, device="cpu")
+    out = finetune(str(base), DatasetVersion("micro", tmp_path / "ds"), train, ModelConfig(), tmp_path / "home")
+    t = json.loads((out / "train.json").read_text())
+    assert t["method"] == "lora" and t["steps_run"] == 4 and t["history"][-1]["loss"] < t["history"][0]["loss"]
+    assert (out / "adapter").exists()
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+    changed = [k for k in before if not torch.equal(before[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)  # only the adapted linear layers moved
