@@ -1,5 +1,6 @@
 import json
 import math
+import statistics
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ from models.quant import quantize_model
 from tasks.config import EtlConfig, EvalConfig
 from tasks.etl import build_dataset
 from tasks.evaluate import build_reference, completion_perplexity, evaluate_candidate, field_scores
-from models.measure import PeakMemory, concurrent_throughput, memory_bandwidth
+from models.measure import PeakMemory, concurrent_throughput, interleaved_speeds, memory_bandwidth
 
 
 @pytest.mark.parametrize("predicted, expected, scores", [
@@ -65,6 +66,27 @@ def test_evaluation_reports_accuracy_speed_memory_and_bandwidth(setup):
                                                       / (report.machine_bandwidth_gbs * 1e9))
     assert report.peak_memory_bytes >= 0 and report.load_s > 0
     assert report.lm_eval is None  # none asked for
+
+
+def test_speed_is_the_median_of_interleaved_timing_passes_with_its_spread(setup):
+    home, dataset, cand = setup
+    cfg = EvalConfig(max_samples=4, device="cpu", concurrent_streams=2, timing_passes=3, timing_prompts=2)
+    report = evaluate_candidate(cand, dataset, cfg, home)
+    passes = report.tokens_per_s_passes
+    assert len(passes) == 3 and all(p > 0 for p in passes)
+    assert report.tokens_per_s == pytest.approx(statistics.median(passes), rel=1e-3)
+    assert report.tokens_per_s_spread == pytest.approx((max(passes) - min(passes)) / statistics.median(passes), rel=1e-2)
+
+
+def test_timing_rounds_visit_every_candidate_in_a_rotated_order(setup):
+    _, dataset, cand = setup
+    loaded = [load_candidate(cand, torch.device("cpu")) for _ in range(3)]
+    calls = []
+    for i, c in enumerate(loaded):
+        c.generate = (lambda original, i: lambda ctx: (calls.append(i), original(ctx))[1])(c.generate, i)
+    out = interleaved_speeds(loaded, ["Order 1: 1 cups to Oslo."], passes=3)
+    assert calls == [0, 1, 2, 1, 2, 0, 2, 0, 1]  # each round starts one later: no candidate always runs first
+    assert [len(o["tokens_per_s_passes"]) for o in out] == [3, 3, 3]
 
 
 def test_the_base_reference_is_the_base_weights_prompted_like_the_candidates(setup, tiny_model_dir, tmp_path):
