@@ -45,7 +45,7 @@ class CurriculumMix(StrictModel):
     """Shares of each kind of pretraining block (normalised; a zero share turns that kind off)."""
 
     text: float = Field(0.4, ge=0, description="Plain text windows (the docstring corpus).")
-    copy_spans: float = Field(0.3, ge=0, description="Text with random word spans repeated at varied distances.")
+    copy_spans: float = Field(0.3, ge=0, description="Runs of random words repeated after a varied stretch of text.")
     records: float = Field(0.3, ge=0, description="key: value fields restated as JSON in another order.")
 
 

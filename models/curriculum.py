@@ -4,8 +4,8 @@ A base that has read only docstrings cannot copy a name out of a prompt, and LoR
 ability in minutes. Two synthetic kinds of block teach it during pretraining, each drawn fresh
 (no block repeats, so the model cannot memorise the content and must look it up):
 
-- **copy**: a text window with spans of random words written twice at varied distances; only the
-  second occurrence is a target (the first is unpredictable), so the loss rewards copying by content.
+- **copy**: runs of random words, each written twice with a varied stretch of text between; only
+  the second sighting is a target (the first is unpredictable), so the loss rewards copying by content.
 - **record**: fields written as `key: value` in a random format, then restated as JSON in another
   order; the model must find each key's value in the source (lookup by key, not by position).
 """
@@ -69,22 +69,21 @@ class Curriculum(Dataset):
         return ids, ids.clone()
 
     def copy_block(self, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        """1-3 spans of 3-24 tokens (random words and spaces), each written at p and again at q > p (distance varied)."""
-        ids = self.window(r, self.seq_len)
-        labels = ids.clone()
-        taken = torch.zeros(self.seq_len, dtype=torch.bool)
-        for _ in range(r.randint(1, 3)):
-            n = r.randint(3, 24)
-            p = r.randrange(0, self.seq_len - 2 * n)
-            q = r.randrange(p + n, self.seq_len - n + 1)
-            if taken[p:p + n].any() or taken[q:q + n].any():
-                continue
-            span = torch.tensor([self.space if j % 2 else r.choice(self.words) for j in range(n)])  # word, space, word...
-            ids[p:p + n], ids[q:q + n] = span, span
-            labels[p:p + n] = IGNORE  # the first sight of random words cannot be predicted
-            labels[q:q + n] = span
-            taken[p:p + n] = taken[q:q + n] = True
-        return ids, labels
+        """Episodes of: a run of 4-32 random words (with spaces), 0-96 tokens of text, the run again.
+
+        The distance changes every episode, so no fixed offset predicts the repeat: only a head
+        that finds the current token's earlier occurrence and copies what followed it (an induction
+        head) does. Only the repeat is a target: the first sighting of random words is unpredictable.
+        """
+        ids: list[int] = []
+        labels: list[int] = []
+        while len(ids) < self.seq_len:
+            words = [r.choice(self.words) for _ in range(r.randint(4, 32))]
+            run = [t for w in words for t in (w, self.space)][:-1]
+            gap = self.window(r, r.randint(1, 96)).tolist() if r.random() < 0.8 else []
+            ids += run + gap + run + [self.eos]
+            labels += [IGNORE] * len(run) + gap + run + [self.eos]
+        return torch.tensor(ids[:self.seq_len]), torch.tensor(labels[:self.seq_len])
 
     def record_text(self, r: random.Random) -> tuple[str, str]:
         """(source, json): 3-6 fields in one of several layouts, then the JSON in a shuffled order."""

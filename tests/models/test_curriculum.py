@@ -27,22 +27,27 @@ def only(kind: str) -> CurriculumMix:
 
 
 def test_copy_blocks_repeat_random_words_and_learn_only_the_second_sighting(tok, text):
-    c = Curriculum(text, tok, 96, 20, only("copy_spans"), seed=0)
+    c = Curriculum(text, tok, 256, 20, only("copy_spans"), seed=0)
     words = set(word_ids(tok))
+    repeats = 0
     for ids, labels in zip(c.ids, c.labels):
-        masked = (labels == IGNORE).nonzero().flatten().tolist()
-        assert masked, "the first sighting of a span is not a target"
-        # every masked run reappears later in the block as targets, token for token
-        runs, start = [], masked[0]
+        row, masked = ids.tolist(), (labels == IGNORE).nonzero().flatten().tolist()
+        assert masked, "the first sighting of a run is not a target"
+        runs, start = [], masked[0]  # maximal masked stretches: (start, tokens)
         for a, b in zip(masked, masked[1:] + [None]):
             if b != a + 1:
-                runs.append(ids[start:a + 1]); start = b
-        row = ids.tolist()
-        for run in runs:
-            span = run.tolist()
+                runs.append((start, row[start:a + 1]))
+                start = b
+        for start, span in runs:
             assert set(span[::2]) <= words  # word, space, word...
-            # ...and the same run appears where it is a target (its second sighting)
-            assert any(row[i:i + len(span)] == span and labels[i] != IGNORE for i in range(len(row) - len(span) + 1))
+            later = [i for i in range(start + len(span), len(row) - len(span) + 1)
+                     if row[i:i + len(span)] == span and labels[i] != IGNORE]
+            # the run comes again later as a target, unless the block ends first (its last episode is cut)
+            assert later or (start, span) == runs[-1]
+            repeats += bool(later)
+            if later:
+                assert later[0] - start - len(span) <= 96  # at most 96 tokens of text between
+    assert repeats >= 20
 
 
 def test_record_blocks_restate_the_source_as_json_with_only_the_json_as_target(tok, text):
