@@ -69,7 +69,7 @@ class Curriculum(Dataset):
         return ids, ids.clone()
 
     def copy_block(self, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        """Episodes of: a run of 4-32 random words (with spaces), 0-96 tokens of text, the run again.
+        """Episodes of: a run of 4-24 random words (spaced or not), 0-48 tokens of text, the run again.
 
         The distance changes every episode, so no fixed offset predicts the repeat: only a head
         that finds the current token's earlier occurrence and copies what followed it (an induction
@@ -78,9 +78,11 @@ class Curriculum(Dataset):
         ids: list[int] = []
         labels: list[int] = []
         while len(ids) < self.seq_len:
-            words = [r.choice(self.words) for _ in range(r.randint(4, 32))]
-            run = [t for w in words for t in (w, self.space)][:-1]
-            gap = self.window(r, r.randint(1, 96)).tolist() if r.random() < 0.8 else []
+            words = [r.choice(self.words) for _ in range(r.randint(4, 24))]
+            # half the runs are words back to back: matching on the current token alone (the classic
+            # induction pattern) forms first; spaced runs need the token before it, as JSON values do
+            run = [t for w in words for t in (w, self.space)][:-1] if r.random() < 0.5 else words
+            gap = self.window(r, r.randint(1, 48)).tolist() if r.random() < 0.8 else []
             ids += run + gap + run + [self.eos]
             labels += [IGNORE] * len(run) + gap + run + [self.eos]
         return torch.tensor(ids[:self.seq_len]), torch.tensor(labels[:self.seq_len])

@@ -207,7 +207,7 @@ def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, r
 # Shipped weights: built once by `smelt embedded build`, committed, loaded by every run.
 
 def rebuild_command(cfg: EmbeddedBuildConfig) -> str:
-    return f"uv run smelt embedded build --config tiny-cpu --out {cfg.shipped or 'DIR'}"
+    return f"uv run smelt embedded build --config <the preset that names it> --out {cfg.shipped or 'DIR'}"
 
 
 def shipped_release(cfg: EmbeddedBuildConfig, root: Path) -> Path:

@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
 
-from models.artifacts import write_json
-from models.candidate import RECIPE
+from models.artifacts import read_json, write_json
+from models.candidate import RECIPE, Recipe
 from tasks.caching import STAGE_CACHE
 from tasks.config import REPO_ROOT, PipelineConfig
 from tasks.etl import DatasetVersion
@@ -28,10 +28,16 @@ from tasks.tracking import lineage_tags, start_child_run, use_tracking
 # Serving a candidate needs exactly these; pinned to what produced it.
 SERVING_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "pandas", "mlflow"]
 PYFUNC_SOURCE = Path(__file__).with_name("pyfunc_model.py")
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
-    params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
-)
+
+
+def signature_for(candidate_dir: Path) -> ModelSignature:
+    """The pyfunc signature; `max_new_tokens` defaults to the candidate's own recipe (MLflow fills a
+    missing param with its default, so a fixed default would override what was evaluated)."""
+    recipe = Recipe.model_validate(read_json(Path(candidate_dir) / RECIPE))
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", recipe.max_new_tokens)]),
+    )
 
 
 def version_tags(report: EvalReport, lineage: dict) -> dict[str, str]:
@@ -64,7 +70,7 @@ def log_pyfunc(report: EvalReport, name: str, tmp: Path) -> str:
         artifacts={"candidate": report.path, "eval_report": str(report_file)},
         code_paths=[str(REPO_ROOT / "models")],
         pip_requirements=[f"{p}=={pkg_version(p)}" for p in SERVING_PACKAGES],
-        signature=SIGNATURE,
+        signature=signature_for(Path(report.path)),
         # MLflow checks the saved model answers this example; a few tokens keep that check cheap.
         input_example=(example, {"max_new_tokens": 4}),
         registered_model_name=name,

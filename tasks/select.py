@@ -85,8 +85,8 @@ def select_candidate(reports: list[EvalReport], base: EvalReport | None, cfg: Se
             reasons.append(f"chosen: {what} accepted candidate ({said})")
         elif i in accepted:
             best_fast, best_accurate = numbers(reports[chosen])
-            tie = " (within timing noise of the chosen)" if i in tied else ""
-            reasons.append(f"accepted, not chosen{tie}: {said} vs the chosen {best_fast:.0f} {speed}, {best_accurate:.1%}")
+            tie = "within timing noise of the chosen, and less accurate or larger; " if i in tied else ""
+            reasons.append(f"accepted, not chosen: {tie}{said} vs the chosen {best_fast:.0f} {speed}, {best_accurate:.1%}")
         else:
             reasons.append("rejected: " + "; ".join(verdicts[i]))
     return Selection(chosen=chosen, accepted=accepted, reasons=reasons, policy=cfg.model_dump(), reference=ref.candidate,

@@ -19,13 +19,13 @@ REGISTRY = RegistryResult(name="m", versions=["1"], chosen=0, reasons=["chosen: 
 
 def test_table_and_summary_columns_come_from_the_declarations_in_order():
     rows = candidate_rows([report(exact_match=0.75, tokens_per_s=812.4, ttft_s=0.0123, weight_bytes=10_400_000)], REGISTRY)
-    assert list(rows[0]) == ["version", "quant", "decoding", "exact match", "field F1", "ppl", "tok/s", "decode tok/s",
+    assert list(rows[0]) == ["version", "quant", "decoding", "exact match", "field F1", "ppl", "tok/s", "± spread", "decode tok/s",
                              "TTFT ms", "p50 s", "p95 s", "8-stream tok/s", "draft accept", "weights MB", "BW share",
                              "peak mem MB", "chosen", "why"]
     assert rows[0]["exact match"] == "75.0%" and rows[0]["tok/s"] == "812" and rows[0]["TTFT ms"] == "12.3"
     assert rows[0]["weights MB"] == "10.40" and rows[0]["draft accept"] == "-"  # unmeasured: a dash
     summary = candidate_rows([report()], REGISTRY, report(candidate="base"), which="summary")
-    assert list(summary[0]) == ["version", "quant", "decoding", "exact match", "field F1", "ppl", "tok/s", "TTFT ms",
+    assert list(summary[0]) == ["version", "quant", "decoding", "exact match", "field F1", "ppl", "tok/s", "± spread", "TTFT ms",
                                 "8-stream tok/s", "draft accept", "weights MB", "chosen", "why"]
     assert summary[1]["version"] == "base" and summary[1]["chosen"] == "-"
 
