@@ -57,6 +57,7 @@ class Curriculum(Dataset):
         labels = torch.empty(n_blocks, seq_len, dtype=torch.long)
         for i, kind in enumerate(kinds):
             r = random.Random(seed * 1_000_003 + i)
+            self.progress = i / n_blocks  # how far into pretraining this block comes (0 -> 1)
             ids[i], labels[i] = makers[kind](r)
         self.ids, self.labels, self.kinds = ids, labels, kinds
 
@@ -69,20 +70,25 @@ class Curriculum(Dataset):
         return ids, ids.clone()
 
     def copy_block(self, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        """Episodes of: a run of 4-24 random words (spaced or not), 0-48 tokens of text, the run again.
+        """Episodes of: a run of 4-24 random words, up to 48 tokens of text, the run again.
 
         The distance changes every episode, so no fixed offset predicts the repeat: only a head
         that finds the current token's earlier occurrence and copies what followed it (an induction
         head) does. Only the repeat is a target: the first sighting of random words is unpredictable.
+        The first blocks repeat each run at once and without spaces; text between (up to 80% of
+        episodes) and spaced runs (up to half) come in over the first half of pretraining. Measured
+        on a 2-layer model: back-to-back runs grew copying by content in ~450 steps, while runs with
+        text between from the start grew none in 2,000.
         """
+        ramp = min(1.0, 2 * self.progress)
         ids: list[int] = []
         labels: list[int] = []
         while len(ids) < self.seq_len:
             words = [r.choice(self.words) for _ in range(r.randint(4, 24))]
-            # half the runs are words back to back: matching on the current token alone (the classic
-            # induction pattern) forms first; spaced runs need the token before it, as JSON values do
-            run = [t for w in words for t in (w, self.space)][:-1] if r.random() < 0.5 else words
-            gap = self.window(r, r.randint(1, 48)).tolist() if r.random() < 0.8 else []
+            # words back to back: matching on the current token alone (the classic induction pattern)
+            # forms first; spaced runs need the token before it, as JSON values do
+            run = [t for w in words for t in (w, self.space)][:-1] if r.random() < 0.5 * ramp else words
+            gap = self.window(r, r.randint(1, 48)).tolist() if r.random() < 0.8 * ramp else []
             ids += run + gap + run + [self.eos]
             labels += [IGNORE] * len(run) + gap + run + [self.eos]
         return torch.tensor(ids[:self.seq_len]), torch.tensor(labels[:self.seq_len])

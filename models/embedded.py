@@ -167,6 +167,7 @@ def pretrain(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, devic
     blocks = pretraining_blocks(cfg, tokenizer)
     spec = FitSpec(steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, seed=cfg.seed,
                    desc="pretrain base", log_every=max(1, cfg.pretrain_steps // 50), bf16=cfg.pretrain_bf16,
+                   shuffle=False,  # the curriculum's blocks are random already, and their order matters
                    checkpoint_every=max(1, cfg.pretrain_steps // 20) if checkpoint_dir else 0, keep_checkpoints=1)
     return base, fit(base, blocks, spec, device=device, checkpoint_dir=checkpoint_dir)
 

@@ -133,6 +133,7 @@ class FitSpec:
     packing: bool = False
     max_seq_len: int = 0  # packing only
     bf16: bool = False  # forward under bfloat16 autocast (weights and optimizer stay fp32)
+    shuffle: bool = True  # False: rows in dataset order (a curriculum whose order matters)
 
 
 def spec_from(cfg, *, steps: int, lr: float, desc: str, n_rows: int) -> FitSpec:
@@ -175,11 +176,13 @@ class BatchOrder:
     or multi-process run reads exactly the rows a single uninterrupted run reads.
     """
 
-    def __init__(self, n_rows: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n_rows, batch_size, seed
+    def __init__(self, n_rows: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.n, self.batch_size, self.seed, self.shuffle = n_rows, batch_size, seed, shuffle
         self._perms: dict[int, list[int]] = {}
 
     def item(self, k: int) -> int:
+        if not self.shuffle:  # rows in their own order: a curriculum that is already random and ordered
+            return k % self.n
         epoch = k // self.n
         if epoch not in self._perms:
             self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()}
@@ -285,7 +288,7 @@ def fit(
                          f"{spec.grad_accum} micro-batches")
     rows = PackedSet(train, spec.max_seq_len, spec.seed) if spec.packing else train
     collate = PadCollator(pad_id)
-    order = BatchOrder(len(rows), spec.batch_size, spec.seed)
+    order = BatchOrder(len(rows), spec.batch_size, spec.seed, spec.shuffle)
     counts = [label_tokens(rows[i]) for i in range(len(rows))]
 
     names = trainable_names(model)

@@ -72,3 +72,23 @@ def test_blocks_are_fresh_deterministic_and_mixed_as_asked(tok, text):
     assert not torch.equal(Curriculum(text, tok, 64, 60, CurriculumMix(), seed=4).ids, a.ids)
     with pytest.raises(ValueError, match="every share is zero"):
         Curriculum(text, tok, 64, 2, CurriculumMix(text=0, copy_spans=0, records=0), seed=0)
+
+
+def test_copy_runs_start_back_to_back_and_gain_text_between_and_spaces_later(tok, text):
+    c = Curriculum(text, tok, 256, 40, only("copy_spans"), seed=2)
+
+    def episodes(i):
+        row, labels = c.ids[i].tolist(), c.labels[i].tolist()
+        starts = [k for k in range(len(row)) if labels[k] == IGNORE and (k == 0 or labels[k - 1] != IGNORE)]
+        out = []
+        for k in starts:
+            n = next((j for j in range(k, len(row)) if labels[j] != IGNORE), len(row)) - k
+            out.append((row[k:k + n], row[k + n:k + 2 * n]))
+        return out
+
+    first = episodes(0)
+    assert all(run == again for run, again in first[:-1])  # the repeat follows at once...
+    assert all(c.space not in run for run, _ in first)  # ...and the words are back to back
+    late = [e for i in range(30, 40) for e in episodes(i)[:-1]]
+    assert any(run != again for run, again in late)  # text between the sightings
+    assert any(c.space in run for run, _ in late)  # spaced runs

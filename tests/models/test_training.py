@@ -147,3 +147,9 @@ def test_checkpoints_hold_only_trained_weights_and_a_rerun_resumes(tiny_model_di
     assert again["resumed_from_step"] == 4 and first["resumed_from_step"] == 0
     assert [h["loss"] for h in again["history"]] == pytest.approx([h["loss"] for h in straight["history"]], rel=1e-5)
     assert not math.isnan(again["final_loss"])
+
+
+def test_batch_order_can_keep_the_rows_own_order():
+    order = BatchOrder(10, 4, seed=0, shuffle=False)
+    assert [order.global_batch(s) for s in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
+    assert sorted(BatchOrder(10, 10, seed=0).global_batch(0)) == list(range(10))  # shuffled: a permutation
