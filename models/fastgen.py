@@ -90,6 +90,7 @@ class Runner:
         self._step = compile_step(self.next_tokens) if compile else self.next_tokens
         self._propose = compile_step(self.propose_tokens) if compile else self.propose_tokens
         self.warm: set[tuple] = set()
+        self.guarded: set[tuple] = set()  # warm shapes whose entry the reduced guard set failed to pick
 
     @property
     def device(self) -> torch.device:
@@ -123,10 +124,19 @@ class Runner:
         guards do not look at, so checking only the guards that tell compiled entries apart is safe.
         """
         key = (fn, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
-        if not self.compiled or key not in self.warm:
+        if not self.compiled or key not in self.warm or key in self.guarded:
             self.warm.add(key)
             return fn(*args)
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return fn(*args)
+        except RuntimeError as err:
+            if "skip_guard_eval_unsafe" not in str(err):
+                raise
+            # Several runners compiled this same step code (evaluation keeps a run's candidates loaded
+            # together, and engines come and go); when the reduced guard set cannot pick this runner's
+            # entry, dynamo refuses before running anything: from now on check every guard for it.
+            self.guarded.add(key)
             return fn(*args)
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
