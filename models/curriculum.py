@@ -19,6 +19,16 @@ from torch.utils.data import Dataset
 from models.config import CurriculumMix
 
 IGNORE = -100
+KINDS = ("text", "copy", "records")  # in the order of CurriculumMix's shares
+# What the skill probe scores during pretraining: name -> (kind, progress, options). Copying back to
+# back is the first skill to form; copying across text and lookup by key are what the task needs.
+PROBES = {
+    "copy_adjacent": ("copy", 0.0, {"gap_targets": False}),
+    "copy_apart": ("copy", 1.0, {"gap_targets": False}),
+    "records": ("records", 1.0, {}),
+    "text": ("text", 1.0, {}),
+}
+PROBE_SEED = 7_919  # added to the build's seed: probe blocks are never training blocks
 
 
 def word_ids(tokenizer) -> list[int]:
@@ -51,25 +61,32 @@ class Curriculum(Dataset):
         if sum(weights) <= 0:
             raise ValueError("pretrain_mix: every share is zero")
         rng = random.Random(seed)
-        kinds = rng.choices(range(3), weights=weights, k=n_blocks)
-        makers = (self.text_block, self.copy_block, self.record_block)
+        kinds = rng.choices(KINDS, weights=weights, k=n_blocks)
         ids = torch.empty(n_blocks, seq_len, dtype=torch.long)  # [n_blocks, seq_len]
         labels = torch.empty(n_blocks, seq_len, dtype=torch.long)
         for i, kind in enumerate(kinds):
-            r = random.Random(seed * 1_000_003 + i)
             self.progress = i / n_blocks  # how far into pretraining this block comes (0 -> 1)
-            ids[i], labels[i] = makers[kind](r)
+            ids[i], labels[i] = self.make(kind, random.Random(seed * 1_000_003 + i))
         self.ids, self.labels, self.kinds = ids, labels, kinds
+
+    def make(self, kind: str, r: random.Random, **options) -> tuple[torch.Tensor, torch.Tensor]:
+        return {"text": self.text_block, "copy": self.copy_block, "records": self.record_block}[kind](r, **options)
+
+    def sample(self, kind: str, n: int, progress: float, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
+        """n blocks of one kind as pretraining draws them at `progress` (0 -> 1); ids, labels [n, seq_len]."""
+        self.progress = progress
+        pairs = [self.make(kind, random.Random(seed * 1_000_003 + i), **options) for i in range(n)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def window(self, r: random.Random, n: int) -> torch.Tensor:
         start = r.randrange(len(self.text) - n)
         return self.text[start:start + n].clone()
 
-    def text_block(self, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_block(self, r: random.Random, **_) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.window(r, self.seq_len)
         return ids, ids.clone()
 
-    def copy_block(self, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    def copy_block(self, r: random.Random, gap_targets: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Episodes of: a run of 4-24 random words, up to 48 tokens of text, the run again.
 
         The distance changes every episode, so no fixed offset predicts the repeat: only a head
@@ -78,7 +95,8 @@ class Curriculum(Dataset):
         The first blocks repeat each run at once and without spaces; text between (up to 80% of
         episodes) and spaced runs (up to half) come in over the first half of pretraining. Measured
         on a 2-layer model: back-to-back runs grew copying by content in ~450 steps, while runs with
-        text between from the start grew none in 2,000.
+        text between from the start grew none in 2,000. `gap_targets=False` (the skill probe) leaves
+        the text between out of the targets, so only copying is scored.
         """
         ramp = min(1.0, 2 * self.progress)
         ids: list[int] = []
@@ -90,7 +108,7 @@ class Curriculum(Dataset):
             run = [t for w in words for t in (w, self.space)][:-1] if r.random() < 0.5 * ramp else words
             gap = self.window(r, r.randint(1, 48)).tolist() if r.random() < 0.8 * ramp else []
             ids += run + gap + run + [self.eos]
-            labels += [IGNORE] * len(run) + gap + run + [self.eos]
+            labels += [IGNORE] * len(run) + (gap if gap_targets else [IGNORE] * len(gap)) + run + [self.eos]
         return torch.tensor(ids[:self.seq_len]), torch.tensor(labels[:self.seq_len])
 
     def record_text(self, r: random.Random) -> tuple[str, str]:
@@ -106,7 +124,7 @@ class Curriculum(Dataset):
         fields = [f'"{keys[j]}": ' + (values[j] if values[j].isdigit() else f'"{values[j]}"') for j in order]
         return source, "{" + ", ".join(fields) + "}"
 
-    def record_block(self, r: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    def record_block(self, r: random.Random, **_) -> tuple[torch.Tensor, torch.Tensor]:
         ids: list[int] = []
         labels: list[int] = []
         while len(ids) < self.seq_len:
@@ -122,6 +140,29 @@ class Curriculum(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"input_ids": self.ids[i].tolist(), "labels": self.labels[i].tolist()}
+
+
+def skill_probes(curriculum: Curriculum, n: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Held-out blocks for each of PROBES: name -> (ids, labels) [n, seq_len]."""
+    return {name: curriculum.sample(kind, n, progress, seed + PROBE_SEED, **options)
+            for name, (kind, progress, options) in PROBES.items()}
+
+
+@torch.no_grad()
+def skill_accuracy(model, probes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Greedy next-token accuracy on each probe's target tokens (copy: the repeats only; records: the
+    JSON; text: every token). Near 0 on copy means no copying by content has formed yet."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for name, (ids, labels) in probes.items():
+        device = next(model.parameters()).device
+        pred = model(input_ids=ids.to(device)).logits[:, :-1].argmax(-1)  # [n, seq_len - 1]
+        target = labels[:, 1:].to(device)  # the token after each position
+        mask = target != IGNORE
+        out[name] = round((pred == target)[mask].float().mean().item(), 4)
+    model.train(was_training)
+    return out
 
 
 def sample_text(block: dict, tokenizer) -> str:

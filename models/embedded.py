@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as tok_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -23,7 +24,7 @@ from models import shipped
 from models.artifacts import Artifact, artifact, digest, write_json
 from models.chat import EMBEDDED_CHAT_TEMPLATE
 from models.config import EmbeddedBuildConfig, TinyLlamaSpec
-from models.curriculum import Curriculum
+from models.curriculum import Curriculum, skill_accuracy, skill_probes
 from models.training import FitSpec, fit
 
 log = logging.getLogger(__name__)
@@ -165,11 +166,23 @@ def pretrain(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, devic
     """A new base trained on the curriculum; (model, fit's stats with its loss history)."""
     base = new_llama(cfg.base, tokenizer, cfg.seed)
     blocks = pretraining_blocks(cfg, tokenizer)
+    probes = skill_probes(blocks, n=8, seed=cfg.seed)
+    skills: list[dict] = []
+
+    def log_skills(step: int, metrics: dict) -> None:
+        # A falling loss can hide that copying has not formed: the text and JSON punctuation are
+        # learnt first. The probe says so directly (`smelt embedded build` prints it; the manifest keeps it).
+        if "loss" in metrics:
+            skills.append({"step": step, **skill_accuracy(base, probes)})
+            if len(skills) % 5 == 1 or step == cfg.pretrain_steps:  # about ten lines a build
+                tqdm.write(f"step {step}: loss {metrics['loss']:.3f}, skills " +
+                           ", ".join(f"{k} {v:.0%}" for k, v in skills[-1].items() if k != "step"))
     spec = FitSpec(steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, seed=cfg.seed,
                    desc="pretrain base", log_every=max(1, cfg.pretrain_steps // 50), bf16=cfg.pretrain_bf16,
                    shuffle=False,  # the curriculum's blocks are random already, and their order matters
                    checkpoint_every=max(1, cfg.pretrain_steps // 20) if checkpoint_dir else 0, keep_checkpoints=1)
-    return base, fit(base, blocks, spec, device=device, checkpoint_dir=checkpoint_dir)
+    stats = fit(base, blocks, spec, device=device, checkpoint_dir=checkpoint_dir, on_log=log_skills)
+    return base, {**stats, "skill_curve": skills}
 
 
 def pretrain_base(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, device: torch.device, tmp: Path) -> None:
@@ -272,6 +285,8 @@ def build_release(cfg: EmbeddedBuildConfig, out: Path, home: Path, device: torch
         "parameters": {"base": base.num_parameters(), "draft": sum(p.numel() for p in new_llama(cfg.draft, tokenizer, 0).parameters())},
         "loss_curve": [{"step": h["step"], "loss": round(h["loss"], 4)} for h in history],
         "train": {k: v for k, v in stats.items() if k in ("final_loss", "train_seconds", "train_tokens_per_s", "resumed_from_step")},
+        # greedy accuracy on held-out blocks per skill (models/curriculum.py PROBES), from the resumed step on
+        "skill_curve": stats["skill_curve"],
         "wall_seconds": round(time.time() - started, 1),
         "machine": shipped.machine(),
     }

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.config import CurriculumMix
-from models.curriculum import IGNORE, Curriculum, word_ids
+from models.curriculum import IGNORE, PROBES, Curriculum, skill_accuracy, skill_probes, word_ids
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_blocks_are_fresh_deterministic_and_mixed_as_asked(tok, text):
     a = Curriculum(text, tok, 64, 60, CurriculumMix(), seed=3)
     b = Curriculum(text, tok, 64, 60, CurriculumMix(), seed=3)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.labels, b.labels)  # a resumed run sees the same blocks
-    assert a.ids.shape == (60, 64) and set(a.kinds) == {0, 1, 2}
-    copies = [i for i, k in enumerate(a.kinds) if k == 1]
+    assert a.ids.shape == (60, 64) and set(a.kinds) == {"text", "copy", "records"}
+    copies = [i for i, k in enumerate(a.kinds) if k == "copy"]
     assert len({tuple(a.ids[i].tolist()) for i in copies}) == len(copies)  # no copy block repeats
     assert not torch.equal(Curriculum(text, tok, 64, 60, CurriculumMix(), seed=4).ids, a.ids)
     with pytest.raises(ValueError, match="every share is zero"):
@@ -92,3 +92,33 @@ def test_copy_runs_start_back_to_back_and_gain_text_between_and_spaces_later(tok
     late = [e for i in range(30, 40) for e in episodes(i)[:-1]]
     assert any(run != again for run, again in late)  # text between the sightings
     assert any(c.space in run for run, _ in late)  # spaced runs
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the true next token everywhere (it reads ahead): a model that has every skill."""
+
+    def __init__(self, vocab: int, cheat: bool):
+        super().__init__()
+        self.vocab, self.cheat = vocab, cheat
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        nxt = torch.roll(input_ids, -1, dims=1) if self.cheat else torch.zeros_like(input_ids)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})
+
+
+def test_skill_probes_are_held_out_and_score_only_what_each_skill_targets(tok, text):
+    c = Curriculum(text, tok, 128, 30, CurriculumMix(), seed=0)
+    probes = skill_probes(c, n=4, seed=0)
+    assert set(probes) == set(PROBES)
+    training = {tuple(row.tolist()) for row in c.ids}
+    for ids, labels in probes.values():
+        assert ids.shape == labels.shape == (4, 128)
+        assert not {tuple(row.tolist()) for row in ids} & training  # never a block pretraining sees
+    adjacent_ids, adjacent_labels = probes["copy_adjacent"]
+    apart_ids, apart_labels = probes["copy_apart"]
+    # back to back: every target is a repeat (or its EOS); apart: the text between is not scored
+    assert (apart_labels != IGNORE).sum() < (apart_ids != IGNORE).sum() / 2
+    vocab = len(tok)
+    assert skill_accuracy(Oracle(vocab, cheat=True), probes) == {name: 1.0 for name in PROBES}
+    assert all(v < 0.2 for v in skill_accuracy(Oracle(vocab, cheat=False), probes).values())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from models.curriculum import PROBES
 from models.config import LoraConfig, ModelConfig, TrainConfig
 from models.embedded import build_release, shipped_release, unpack_release
 from models.shipped import MANIFEST, ShippedWeightsError, sha256_file, verify
@@ -40,6 +41,8 @@ def test_a_release_holds_bf16_weights_and_a_manifest_of_how_they_were_made(micro
     assert manifest["command"] == "uv run smelt embedded build (test)" and manifest["seed"] == cfg.seed
     assert manifest["tokens_seen"] == 3 * cfg.pretrain_batch_size * cfg.pretrain_seq_len
     assert [p["step"] for p in manifest["loss_curve"]] == [1, 2, 3]
+    assert [p["step"] for p in manifest["skill_curve"]] == [1, 2, 3]
+    assert all(set(p) == {"step", *PROBES} and all(0 <= p[k] <= 1 for k in PROBES) for p in manifest["skill_curve"])
     assert "cpu_flags" in manifest["machine"] and manifest["config"]["base"] == cfg.base.model_dump()
     assert {"base/model.safetensors", "draft/model.safetensors", "base/tokenizer.json"} <= set(manifest["files"])
     assert all(sha256_file(root / "weights" / f) == h for f, h in manifest["files"].items())
