@@ -154,9 +154,9 @@ def skill_accuracy(model, probes: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
     JSON; text: every token). Near 0 on copy means no copying by content has formed yet."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = {}
     for name, (ids, labels) in probes.items():
-        device = next(model.parameters()).device
         pred = model(input_ids=ids.to(device)).logits[:, :-1].argmax(-1)  # [n, seq_len - 1]
         target = labels[:, 1:].to(device)  # the token after each position
         mask = target != IGNORE
