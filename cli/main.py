@@ -100,8 +100,9 @@ def embedded_build(
     seen, loss curve, skill curve, sha256 of every file, CPU flags).
 
     While it runs it prints greedy accuracy on held-out blocks per skill: copy_adjacent (a run repeated
-    at once), copy_apart (repeated after text), records (key: value restated as JSON), text. A base that
-    stays near 0% on copy_apart will not learn the extraction task with LoRA.
+    at once) and copy_apart (repeated after text), scored on the repeated words only; records (key: value
+    restated as JSON), text. A base that stays near 0% on copy_apart will not learn the extraction task
+    with LoRA.
 
     Hours on 2 CPU cores; checkpoints under SMELT_HOME, so the same command resumes after a kill.
     The folder is replaced only when everything is written. Commit it: `smelt run` then loads it.

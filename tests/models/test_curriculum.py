@@ -119,6 +119,9 @@ def test_skill_probes_are_held_out_and_score_only_what_each_skill_targets(tok, t
     apart_ids, apart_labels = probes["copy_apart"]
     # back to back: every target is a repeat (or its EOS); apart: the text between is not scored
     assert (apart_labels != IGNORE).sum() < (apart_ids != IGNORE).sum() / 2
+    # only the repeated words: a space inside a spaced run is predictable without copying
+    scored = torch.cat([adjacent_labels[adjacent_labels != IGNORE], apart_labels[apart_labels != IGNORE]])
+    assert set(scored.tolist()) <= set(c.words)
     vocab = len(tok)
     assert skill_accuracy(Oracle(vocab, cheat=True), probes) == {name: 1.0 for name in PROBES}
     assert all(v < 0.2 for v in skill_accuracy(Oracle(vocab, cheat=False), probes).values())
