@@ -139,10 +139,13 @@ def summarize(r: Recipe, passes: list[list[Generation]], warmup: float, streams:
 
 
 def bench_candidates(weights: dict[str, Path], draft_dir: Path | None, prompts: list[str | list[dict]],
-                     max_new_tokens: int, streams: int = 8, num_draft_tokens: int = 4, passes: int = 3, echo=print) -> dict:
+                     max_new_tokens: int, streams: int = 8, num_draft_tokens: int = 4, passes: int = 3, echo=print,
+                     peers_dir: Path | None = None) -> dict:
     """The baseline (fp32 `weights['none']`, transformers generate) and every recipe, in this process.
 
     `weights`: quantization method -> quantized artifact directory (models/quant), fp32 'none' required.
+    With `peers_dir`, other engines (bench/peers) convert the fp32 weights there and are timed in the
+    same turns.
     """
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(weights["none"])
@@ -158,6 +161,10 @@ def bench_candidates(weights: dict[str, Path], draft_dir: Path | None, prompts: 
         loops = ("hf",) + FP32_LOOPS if method == "none" else LOOPS
         recipes += [build_recipe(model, setup, name, loop, weight_bytes(model_dir))
                     for loop in loops if setup.draft is not None or not loop.endswith("+draft")]
+    if peers_dir is not None:
+        from bench.peers import peer_recipes
+
+        recipes += peer_recipes(weights["none"], setup, peers_dir, echo)
     rows = time_recipes(recipes, len(prompts), passes, echo)
     baseline = rows[0]
     baseline["recipe"] = "baseline: fp32 · transformers generate"
@@ -240,7 +247,7 @@ def log_benchmark(result: dict, run_name: str) -> str:
 
 
 def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_new_tokens: int, streams: int,
-                        passes: int, with_random: bool, out: Path | None, echo=print) -> dict:
+                        passes: int, with_random: bool, out: Path | None, echo=print, peers: bool = False) -> dict:
     """Bench `name`'s champion run on its own eval prompts (and a random ~100M model); write the JSON
     report and log it to MLflow."""
     from models.chat import row_context
@@ -252,13 +259,15 @@ def run_serve_benchmark(client, name: str, cfg, home: Path, n_prompts: int, max_
         prompts = [row_context(r) for r in load_version(home / "datasets" / champion["dataset_version"]).rows("eval")[:n_prompts]]
         echo(f"{name} v{champion['version']} (champion: {champion['quant_method']}/{champion['strategy']}); "
              f"recipes over {sorted(weights)}, {len(prompts)} prompts, {max_new_tokens} new tokens, greedy")
-        result = bench_candidates(weights, draft, prompts, max_new_tokens, streams, cfg.decode.num_draft_tokens, passes, echo)
+        result = bench_candidates(weights, draft, prompts, max_new_tokens, streams, cfg.decode.num_draft_tokens, passes, echo,
+                                  Path(tmp) / "peers" if peers else None)
         if with_random:
             fp32 = random_model(weights["none"], Path(tmp) / "random")
             formats = {"none": fp32, **{m: quantize_model(m, fp32, Path(tmp) / f"random-{m}", []) for m in RANDOM_FORMATS}}
             echo("random-init ~100M-parameter model of the same architecture:")
             result["random"] = bench_candidates(formats, None, prompts[:4],
-                                                max_new_tokens, streams, cfg.decode.num_draft_tokens, passes, echo)
+                                                max_new_tokens, streams, cfg.decode.num_draft_tokens, passes, echo,
+                                                Path(tmp) / "peers-random" if peers else None)
             result["random"]["parameters"] = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(fp32).parameters())
     result["champion"] = {"registered_model": name, **champion}
     out = out or home / "bench" / "serve" / f"{name}-v{champion['version']}.json"

@@ -380,6 +380,9 @@ def bench(
                                      help="Also time a random-init ~100M-parameter model of the same architecture, big "
                                           "enough to be bound by memory bandwidth."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON report; default $SMELT_HOME/bench/serve/NAME-vVERSION.json."),
+    peers: bool = typer.Option(False, "--peers", help="Also convert the same fp32 weights with other engines and time them "
+                                                      "in the same turns: CTranslate2 float32 / int8 / int8_float32. A peer "
+                                                      "that is not installed is skipped with the command that installs it."),
     config: str = CONFIG_OPTION,
 ) -> None:
     """Time every serving recipe of NAME's champion run against plain transformers generate (fp32, eager).
@@ -397,7 +400,7 @@ def bench(
 
     name = champion_name(client, name, cfg)
     result = run_serve_benchmark(client, name, cfg, home, prompts, max_new_tokens or cfg.decode.max_new_tokens, streams,
-                                 passes, with_random, out, echo=console.print)
+                                 passes, with_random, out, echo=console.print, peers=peers)
     print_serve_benchmark(name, result)
 
 
