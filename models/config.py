@@ -71,10 +71,31 @@ class EmbeddedBuildConfig(StrictModel):
         description="Text files added to the tokenizer's training corpus only (not to pretraining), so the task's "
         "words become single tokens; paths relative to the repo root.",
     )
+    seed_model: TinyLlamaSpec | None = Field(
+        None, description="Grow the base from this smaller model (same head size): it is first trained on copy blocks "
+        "alone, where a narrow model learns to copy by content in a few hundred steps and a wide one did not in "
+        "thousands, then widened and deepened to `base` with its function kept (models/embedded.py grow_llama) "
+        "and pretrained on the curriculum. None: pretrain `base` from random init.")
+    seed_steps: int = Field(700, ge=1, description="Optimizer steps of the seed model on back-to-back copy blocks.")
+    seed_lr: float = Field(1e-3, gt=0, description="The seed model's learning rate (constant after a short warmup).")
     seed: int = 0
     shipped: str | None = Field(
         None, description="Folder (relative to the repo root) of weights built once by `smelt embedded build` and "
         "committed; they are loaded, hash-checked, instead of pretraining. Its manifest's config must equal this one.")
+
+    @model_validator(mode="after")
+    def _seed_fits_in_base(self) -> "EmbeddedBuildConfig":
+        small, big = self.seed_model, self.base
+        if small is None:
+            return self
+        if small.hidden_size // small.num_heads != big.hidden_size // big.num_heads:
+            raise ValueError(f"seed_model's head size ({small.hidden_size // small.num_heads}) must equal base's "
+                             f"({big.hidden_size // big.num_heads}): growing adds heads, it does not reshape them")
+        for field in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if getattr(small, field) > getattr(big, field):
+                raise ValueError(f"seed_model.{field} ({getattr(small, field)}) is larger than base.{field} "
+                                 f"({getattr(big, field)}): the seed grows into the base, it cannot shrink")
+        return self
 
 
 class ModelConfig(StrictModel):

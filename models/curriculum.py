@@ -48,7 +48,8 @@ class Curriculum(Dataset):
     loop indexes tensors, and a resumed run sees exactly the blocks it would have seen.
     """
 
-    def __init__(self, text_ids: list[int], tokenizer, seq_len: int, n_blocks: int, mix: CurriculumMix, seed: int):
+    def __init__(self, text_ids: list[int], tokenizer, seq_len: int, n_blocks: int, mix: CurriculumMix, seed: int,
+                 fixed_progress: float | None = None):
         if len(text_ids) <= seq_len:
             raise ValueError(f"pretraining corpus has {len(text_ids)} tokens, fewer than one block of {seq_len}")
         self.text = torch.tensor(text_ids)  # [corpus_tokens]
@@ -65,7 +66,8 @@ class Curriculum(Dataset):
         ids = torch.empty(n_blocks, seq_len, dtype=torch.long)  # [n_blocks, seq_len]
         labels = torch.empty(n_blocks, seq_len, dtype=torch.long)
         for i, kind in enumerate(kinds):
-            self.progress = i / n_blocks  # how far into pretraining this block comes (0 -> 1)
+            # how far into pretraining this block comes (0 -> 1); fixed: every block as drawn at that point
+            self.progress = i / n_blocks if fixed_progress is None else fixed_progress
             ids[i], labels[i] = self.make(kind, random.Random(seed * 1_000_003 + i))
         self.ids, self.labels, self.kinds = ids, labels, kinds
 

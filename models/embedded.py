@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from models import shipped
 from models.artifacts import Artifact, artifact, digest, write_json
 from models.chat import EMBEDDED_CHAT_TEMPLATE
-from models.config import EmbeddedBuildConfig, TinyLlamaSpec
+from models.config import CurriculumMix, EmbeddedBuildConfig, TinyLlamaSpec
 from models.curriculum import Curriculum, skill_accuracy, skill_probes
 from models.training import FitSpec, fit
 
@@ -101,6 +101,56 @@ def new_llama(spec: TinyLlamaSpec, tokenizer: PreTrainedTokenizerFast, seed: int
     return LlamaForCausalLM(config)
 
 
+@torch.no_grad()
+def grow_llama(small: LlamaForCausalLM, spec: TinyLlamaSpec, seed: int) -> LlamaForCausalLM:
+    """`small` widened and deepened to `spec`, computing the same function (up to RMSNorm's epsilon).
+
+    The residual stream [d] becomes [x, 0] in [D]: embeddings get zero new columns, so the tied head
+    gives the same logits. RMSNorm over D dims of [x, 0] sees rms(x) * sqrt(d/D), so the old gains are
+    scaled by sqrt(d/D). Old heads and MLP units keep their weights and read only the old dims; new
+    heads, units and layers start random but write nothing (zero output rows / columns), so training
+    grows them from a model that already copies by content. Head size is kept; heads are added.
+    """
+    c, d, D = small.config, small.config.hidden_size, spec.hidden_size
+    config = LlamaConfig(**{**c.to_dict(), "hidden_size": D, "num_hidden_layers": spec.num_layers,
+                            "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_heads,
+                            "intermediate_size": spec.intermediate_size, "head_dim": D // spec.num_heads})
+    torch.manual_seed(seed)
+    big = LlamaForCausalLM(config)
+    scale = (d / D) ** 0.5
+
+    def norm(dst, src) -> None:
+        dst.weight.fill_(scale)
+        dst.weight[:d] = src.weight * scale
+
+    def widen(dst, src, rows: int, cols: int, zero_rest: bool) -> None:
+        if zero_rest:
+            dst.weight.zero_()
+        dst.weight[:rows, :cols] = src.weight
+        dst.weight[:rows, cols:] = 0  # the old units read only the old dims
+
+    big.model.embed_tokens.weight.zero_()
+    big.model.embed_tokens.weight[:, :d] = small.model.embed_tokens.weight
+    norm(big.model.norm, small.model.norm)
+    for k, layer in enumerate(big.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if k >= c.num_hidden_layers:  # a new layer adds nothing to the residual until it learns to
+            attn.o_proj.weight.zero_()
+            mlp.down_proj.weight.zero_()
+            continue
+        old = small.model.layers[k]
+        norm(layer.input_layernorm, old.input_layernorm)
+        norm(layer.post_attention_layernorm, old.post_attention_layernorm)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            widen(getattr(attn, name), getattr(old.self_attn, name), d, d, zero_rest=False)
+        widen(attn.o_proj, old.self_attn.o_proj, d, d, zero_rest=True)
+        for name in ("gate_proj", "up_proj"):
+            widen(getattr(mlp, name), getattr(old.mlp, name), c.intermediate_size, d, zero_rest=False)
+        widen(mlp.down_proj, old.mlp.down_proj, d, c.intermediate_size, zero_rest=True)
+    big.tie_weights()
+    return big
+
+
 def read_extra_texts(files: list[Path]) -> list[str]:
     for f in files:
         if not f.exists():
@@ -152,37 +202,79 @@ def build_embedded_tokenizer(cfg: EmbeddedBuildConfig, home: Path, root: Path) -
     return tokenizer_artifact(cfg, home, root).ensure(make)
 
 
-def pretraining_blocks(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast) -> Curriculum:
-    """The curriculum (models/curriculum.py): one fresh block per sequence the base will see."""
+def text_ids(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """The docstring corpus as one token stream, documents separated by BOS."""
     ids: list[int] = []
     for enc in tokenizer(pretraining_texts(cfg), add_special_tokens=False)["input_ids"]:
         ids.extend(enc + [tokenizer.bos_token_id])
-    return Curriculum(ids, tokenizer, cfg.pretrain_seq_len, cfg.pretrain_steps * cfg.pretrain_batch_size,
-                      cfg.pretrain_mix, cfg.seed)
+    return ids
 
 
-def pretrain(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, device: torch.device,
-             checkpoint_dir: Path | None = None) -> tuple[LlamaForCausalLM, dict]:
-    """A new base trained on the curriculum; (model, fit's stats with its loss history)."""
-    base = new_llama(cfg.base, tokenizer, cfg.seed)
-    blocks = pretraining_blocks(cfg, tokenizer)
-    probes = skill_probes(blocks, n=8, seed=cfg.seed)
-    skills: list[dict] = []
+def pretraining_blocks(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast) -> Curriculum:
+    """The curriculum (models/curriculum.py): one fresh block per sequence the base will see."""
+    return Curriculum(text_ids(cfg, tokenizer), tokenizer, cfg.pretrain_seq_len,
+                      cfg.pretrain_steps * cfg.pretrain_batch_size, cfg.pretrain_mix, cfg.seed)
 
+
+def skill_logger(model, probes: dict, phase: str, steps: int, curve: list[dict]):
+    """fit's on_log hook: greedy accuracy on the held-out probes at every loss log, into `curve`."""
     def log_skills(step: int, metrics: dict) -> None:
         # A falling loss can hide that copying has not formed: the text and JSON punctuation are
         # learnt first. The probe says so directly (`smelt embedded build` prints it; the manifest keeps it).
         if "loss" in metrics:
-            skills.append({"step": step, **skill_accuracy(base, probes)})
-            if len(skills) % 5 == 1 or step == cfg.pretrain_steps:  # about ten lines a build
-                tqdm.write(f"step {step}: loss {metrics['loss']:.3f}, skills " +
-                           ", ".join(f"{k} {v:.0%}" for k, v in skills[-1].items() if k != "step"))
+            skills = skill_accuracy(model, probes)
+            curve.append({"phase": phase, "step": step, **skills})
+            if sum(1 for c in curve if c["phase"] == phase) % 5 == 1 or step == steps:  # about ten lines a phase
+                tqdm.write(f"{phase} step {step}: loss {metrics['loss']:.3f}, skills " +
+                           ", ".join(f"{k} {v:.0%}" for k, v in skills.items()))
+    return log_skills
+
+
+def train_seed(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, device: torch.device, probes: dict,
+               curve: list[dict], checkpoint_dir: Path | None) -> tuple[LlamaForCausalLM, dict]:
+    """The seed model trained on back-to-back copy blocks alone (where copying forms first)."""
+    done = checkpoint_dir / "seed-final" if checkpoint_dir else None
+    if done is not None and (done / "config.json").exists():  # a resumed build: the seed phase is over
+        return LlamaForCausalLM.from_pretrained(done), json.loads((done / "seed_stats.json").read_text())
+    small = new_llama(cfg.seed_model, tokenizer, cfg.seed)
+    copies = Curriculum(text_ids(cfg, tokenizer), tokenizer, cfg.pretrain_seq_len, cfg.seed_steps * cfg.pretrain_batch_size,
+                        CurriculumMix(text=0, copy_spans=1, records=0), cfg.seed, fixed_progress=0.0)
+    spec = FitSpec(steps=cfg.seed_steps, batch_size=cfg.pretrain_batch_size, lr=cfg.seed_lr, seed=cfg.seed,
+                   desc="pretrain seed (copy)", schedule="constant_with_warmup", log_every=max(1, cfg.seed_steps // 20),
+                   bf16=cfg.pretrain_bf16, shuffle=False,
+                   checkpoint_every=max(1, cfg.seed_steps // 10) if checkpoint_dir else 0, keep_checkpoints=1)
+    stats = fit(small, copies, spec, device=device, on_log=skill_logger(small, probes, "seed", cfg.seed_steps, curve),
+                checkpoint_dir=checkpoint_dir / "seed" if checkpoint_dir else None)
+    stats = {k: stats[k] for k in ("final_loss", "train_seconds", "train_tokens")}
+    if done is not None:
+        small.save_pretrained(done)
+        write_json(done / "seed_stats.json", stats)
+    return small, stats
+
+
+def pretrain(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, device: torch.device,
+             checkpoint_dir: Path | None = None) -> tuple[LlamaForCausalLM, dict]:
+    """A new base trained on the curriculum (grown from a seed model that copies, when `cfg.seed_model`
+    is set); (model, fit's stats with its loss history and the skill curve of every phase)."""
+    blocks = pretraining_blocks(cfg, tokenizer)
+    probes = skill_probes(blocks, n=8, seed=cfg.seed)
+    curve: list[dict] = []
+    seed_stats = None
+    if cfg.seed_model is not None:
+        small, seed_stats = train_seed(cfg, tokenizer, device, probes, curve, checkpoint_dir)
+        base = grow_llama(small, cfg.base, cfg.seed)
+        curve.append({"phase": "grown", "step": 0, **skill_accuracy(base, probes)})
+        tqdm.write("grown to the base: skills " + ", ".join(f"{k} {v:.0%}" for k, v in curve[-1].items()
+                                                            if isinstance(v, float)))
+    else:
+        base = new_llama(cfg.base, tokenizer, cfg.seed)
     spec = FitSpec(steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, seed=cfg.seed,
                    desc="pretrain base", log_every=max(1, cfg.pretrain_steps // 50), bf16=cfg.pretrain_bf16,
                    shuffle=False,  # the curriculum's blocks are random already, and their order matters
                    checkpoint_every=max(1, cfg.pretrain_steps // 20) if checkpoint_dir else 0, keep_checkpoints=1)
-    stats = fit(base, blocks, spec, device=device, checkpoint_dir=checkpoint_dir, on_log=log_skills)
-    return base, {**stats, "skill_curve": skills}
+    stats = fit(base, blocks, spec, device=device, checkpoint_dir=checkpoint_dir,
+                on_log=skill_logger(base, probes, "base", cfg.pretrain_steps, curve))
+    return base, {**stats, "skill_curve": curve, "seed": seed_stats}
 
 
 def pretrain_base(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, device: torch.device, tmp: Path) -> None:
@@ -258,6 +350,14 @@ def unpack_release(cfg: EmbeddedBuildConfig, home: Path, root: Path) -> tuple[Pa
     return unpack("base"), unpack("draft")
 
 
+def draft_init(cfg: EmbeddedBuildConfig, tokenizer: PreTrainedTokenizerFast, checkpoints: Path) -> LlamaForCausalLM:
+    """The draft the pipeline distils from the fine-tuned target: the seed model when the draft has its
+    shape (it already copies by content, which the target's answers are made of), else a random init."""
+    if cfg.seed_model is not None and cfg.draft == cfg.seed_model:
+        return LlamaForCausalLM.from_pretrained(checkpoints / "seed-final")
+    return new_llama(cfg.draft, tokenizer, cfg.seed + 1)
+
+
 def build_release(cfg: EmbeddedBuildConfig, out: Path, home: Path, device: torch.device, root: Path,
                   command: str) -> dict:
     """Pretrain the base on the curriculum and write base + draft init + tokenizer to `out` as bf16
@@ -273,7 +373,7 @@ def build_release(cfg: EmbeddedBuildConfig, out: Path, home: Path, device: torch
     # bf16 halves the files; fp32 is restored at load (unpack_release), losing only the low mantissa bits
     base.to(torch.bfloat16).save_pretrained(tmp / "base")
     tokenizer.save_pretrained(tmp / "base")
-    new_llama(cfg.draft, tokenizer, cfg.seed + 1).to(torch.bfloat16).save_pretrained(tmp / "draft")
+    draft_init(cfg, tokenizer, work / "checkpoints").to(torch.bfloat16).save_pretrained(tmp / "draft")
     tokenizer.save_pretrained(tmp / "draft")
     history = stats.pop("history")
     manifest = {
@@ -281,11 +381,14 @@ def build_release(cfg: EmbeddedBuildConfig, out: Path, home: Path, device: torch
         "command": command,
         "config": cfg.model_dump(mode="json", exclude={"shipped"}),
         "seed": cfg.seed,
-        "tokens_seen": cfg.pretrain_steps * cfg.pretrain_batch_size * cfg.pretrain_seq_len,
+        "tokens_seen": (cfg.pretrain_steps + (cfg.seed_steps if cfg.seed_model else 0)) * cfg.pretrain_batch_size
+        * cfg.pretrain_seq_len,
+        "seed_phase": stats["seed"],  # the seed model's copy-only training before growing (None: no seed)
         "parameters": {"base": base.num_parameters(), "draft": sum(p.numel() for p in new_llama(cfg.draft, tokenizer, 0).parameters())},
         "loss_curve": [{"step": h["step"], "loss": round(h["loss"], 4)} for h in history],
         "train": {k: v for k, v in stats.items() if k in ("final_loss", "train_seconds", "train_tokens_per_s", "resumed_from_step")},
-        # greedy accuracy on held-out blocks per skill (models/curriculum.py PROBES), from the resumed step on
+        # greedy accuracy on held-out blocks per skill (models/curriculum.py PROBES) per phase (seed, grown,
+        # base), from the resumed step on
         "skill_curve": stats["skill_curve"],
         "wall_seconds": round(time.time() - started, 1),
         "machine": shipped.machine(),

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from models.curriculum import PROBES
-from models.config import LoraConfig, ModelConfig, TrainConfig
-from models.embedded import build_release, shipped_release, unpack_release
+from models.config import EmbeddedBuildConfig, LoraConfig, ModelConfig, TinyLlamaSpec, TrainConfig
+from models.embedded import build_release, grow_llama, new_llama, shipped_release, train_tokenizer, unpack_release
 from models.shipped import MANIFEST, ShippedWeightsError, sha256_file, verify
 from tasks.config import REPO_ROOT, load_config
 
@@ -23,7 +23,10 @@ def micro_release(tmp_path_factory):
     root = tmp_path_factory.mktemp("release")
     (root / "data").mkdir()
     shutil.copy(REPO_ROOT / "data" / "orders.jsonl", root / "data" / "orders.jsonl")
-    cfg = load_config("micro-cpu", ["model.embedded.pretrain_steps=3", "model.embedded.corpus_max_chars=20000"]).model.embedded
+    # grown from a 1-layer seed, as a memory-bound base is: the seed phase, the growth and the base phase all run
+    cfg = load_config("micro-cpu", ["model.embedded.pretrain_steps=3", "model.embedded.corpus_max_chars=20000",
+                                    "model.embedded.seed_model={hidden_size: 32, num_layers: 1, num_heads: 1, intermediate_size: 64}",
+                                    "model.embedded.seed_steps=2"]).model.embedded
     manifest = build_release(cfg, root / "weights", root / "home", CPU, root, "uv run smelt embedded build (test)")
     return root, cfg.model_copy(update={"shipped": "weights"}), manifest
 
@@ -39,10 +42,15 @@ def test_a_release_holds_bf16_weights_and_a_manifest_of_how_they_were_made(micro
     on_disk = json.loads((root / "weights" / MANIFEST).read_text())
     assert on_disk == manifest
     assert manifest["command"] == "uv run smelt embedded build (test)" and manifest["seed"] == cfg.seed
-    assert manifest["tokens_seen"] == 3 * cfg.pretrain_batch_size * cfg.pretrain_seq_len
+    assert manifest["tokens_seen"] == (3 + 2) * cfg.pretrain_batch_size * cfg.pretrain_seq_len
     assert [p["step"] for p in manifest["loss_curve"]] == [1, 2, 3]
-    assert [p["step"] for p in manifest["skill_curve"]] == [1, 2, 3]
-    assert all(set(p) == {"step", *PROBES} and all(0 <= p[k] <= 1 for k in PROBES) for p in manifest["skill_curve"])
+    assert [(p["phase"], p["step"]) for p in manifest["skill_curve"]] == [
+        ("seed", 1), ("seed", 2), ("grown", 0), ("base", 1), ("base", 2), ("base", 3)]
+    assert all(set(p) == {"phase", "step", *PROBES} and all(0 <= p[k] <= 1 for k in PROBES) for p in manifest["skill_curve"])
+    # growing keeps what the seed computes: its last probe scores are the grown model's first
+    seed_end, grown = manifest["skill_curve"][1], manifest["skill_curve"][2]
+    assert all(abs(seed_end[k] - grown[k]) < 0.02 for k in PROBES)
+    assert manifest["seed_phase"]["train_tokens"] == 2 * cfg.pretrain_batch_size * cfg.pretrain_seq_len
     assert "cpu_flags" in manifest["machine"] and manifest["config"]["base"] == cfg.base.model_dump()
     assert {"base/model.safetensors", "draft/model.safetensors", "base/tokenizer.json"} <= set(manifest["files"])
     assert all(sha256_file(root / "weights" / f) == h for f, h in manifest["files"].items())
@@ -115,3 +123,26 @@ def test_lora_fine_tunes_a_shipped_base_at_micro_scale(micro_release, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
     changed = [k for k in before if not torch.equal(before[k], merged[k])]
     assert changed and all("proj" in k for k in changed)  # only the adapted linear layers moved
+
+
+def test_growing_a_model_keeps_its_function_and_adds_heads_units_and_layers():
+    tok = train_tokenizer(["growing keeps the function of the small model"] * 20, 300)
+    small = new_llama(TinyLlamaSpec(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128), tok, seed=0)
+    with torch.no_grad():  # a trained model's weights are far from init: make the check meaningful
+        for p in small.parameters():
+            p.normal_(0, 0.2) if p.dim() == 2 else p.uniform_(0.5, 1.5)
+    big = grow_llama(small, TinyLlamaSpec(hidden_size=192, num_layers=4, num_heads=6, intermediate_size=384), seed=0)
+    assert big.config.num_hidden_layers == 4 and big.config.hidden_size == 192 and big.config.head_dim == 32
+    x = torch.randint(0, len(tok), (2, 24))
+    small_logits, big_logits = small.eval()(x).logits, big.eval()(x).logits
+    assert small_logits.std() > 1  # logits that differ between tokens, so equality below means something
+    torch.testing.assert_close(big_logits, small_logits, atol=2e-3 * small_logits.abs().max().item(), rtol=0)
+    assert big.num_parameters() > 5 * small.num_parameters()
+
+
+def test_a_seed_model_that_cannot_grow_into_the_base_is_refused():
+    base = TinyLlamaSpec(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256)
+    with pytest.raises(ValueError, match="head size"):
+        EmbeddedBuildConfig(base=base, seed_model=TinyLlamaSpec(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128))
+    with pytest.raises(ValueError, match="num_layers .* larger than base"):
+        EmbeddedBuildConfig(base=base, seed_model=TinyLlamaSpec(hidden_size=64, num_layers=6, num_heads=2, intermediate_size=128))
