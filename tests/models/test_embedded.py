@@ -146,3 +146,20 @@ def test_a_seed_model_that_cannot_grow_into_the_base_is_refused():
         EmbeddedBuildConfig(base=base, seed_model=TinyLlamaSpec(hidden_size=64, num_layers=2, num_heads=1, intermediate_size=128))
     with pytest.raises(ValueError, match="num_layers .* larger than base"):
         EmbeddedBuildConfig(base=base, seed_model=TinyLlamaSpec(hidden_size=64, num_layers=6, num_heads=2, intermediate_size=128))
+
+
+def test_the_default_preset_ships_a_memory_bound_base_and_a_draft_8x_smaller_that_verify():
+    """tiny-cpu's committed weights: every file matches its manifest hash, they fit the 50 MB budget in
+    bf16, the base's fp32 weights are bigger than a 32 MB L3 cache and the draft is at least 8x smaller."""
+    cfg = load_config("tiny-cpu").model.embedded
+    release = shipped_release(cfg, REPO_ROOT)
+    manifest = json.loads((release / MANIFEST).read_text())
+    stored = sum((release / name).stat().st_size for name in manifest["files"])
+    assert stored <= 50 * 2**20
+    params = manifest["parameters"]
+    assert params["base"] * 4 > 32 * 2**20 and params["base"] >= 8 * params["draft"]
+    assert manifest["config"] == cfg.model_dump(mode="json", exclude={"shipped"})
+    assert manifest["machine"]["cpu_flags"] and manifest["tokens_seen"] > 0
+    # it was built to copy by content: the last skill probe of the base phase copies most repeats
+    last = [s for s in manifest["skill_curve"] if s["phase"] == "base"][-1]
+    assert last["copy_apart"] >= 0.5 and last["copy_adjacent"] >= 0.5
