@@ -67,7 +67,7 @@ def bentofile(model_tag: str) -> dict:
         "service": "serving.service:SmeltService",
         "name": "smelt",
         "labels": {"model": model_tag.replace(":", "-"), "source": code_digest(BENTO_SOURCES)},
-        "include": ["serving/**/*.py", str(BENTO_MODEL_FILE), "models/**/*.py"],
+        "include": ["serving/**/*.py", str(BENTO_MODEL_FILE), "models/**/*.py", "models/csrc/*.cpp"],
         "exclude": ["**/__pycache__"],
         "python": {"packages": [f"{p}=={pkg_version(p)}" for p in BENTO_PACKAGES], "lock_packages": False},
     }

@@ -1,0 +1,72 @@
+"""models/int8_cpu.py: the AVX2 int8 weight-only kernel computes torchao's product, swaps in for
+torchao's layers without changing the model's output, and is what `load` gives on an AVX2-only CPU."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from models.fastgen import CompiledDecoder
+from models.int8_cpu import Int8Linear, int8_linear, kernel, swap_int8_linears
+from models.quant import quantize_model
+from models.config import QuantConfig
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
+
+
+def test_the_kernel_matches_dequantized_fp32_for_1_to_8_rows_and_more():
+    assert kernel()
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+    scale = torch.rand(48) / 100
+    for rows in (1, 2, 3, 5, 8, 9, 33):  # 9 and 33 go through at::mm
+        x = torch.randn(rows, 64)
+        reference = x @ (w.float() * scale[:, None]).t()
+        assert torch.allclose(int8_linear(x, w, scale), reference, atol=1e-4, rtol=1e-4), rows
+    x3 = torch.randn(2, 3, 64)  # leading dims kept
+    assert int8_linear(x3, w, scale).shape == (2, 3, 48)
+
+
+def test_swapped_layers_give_torchaos_logits_and_greedy_tokens_compiled(wide64_model_dir, tmp_path):
+    (tmp_path / "q").mkdir()
+    quantize_model("torchao-int8-wo", wide64_model_dir, tmp_path / "q", [], QuantConfig(group_size=32))
+    torchao_model = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    swapped = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    n = swap_int8_linears(swapped)
+    assert n == 2 * 7 and isinstance(swapped.model.layers[0].mlp.up_proj, Int8Linear)  # 7 linears per layer
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.inference_mode():
+        assert torch.allclose(swapped(ids).logits, torchao_model(ids).logits, atol=1e-4)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "q")
+    prompt = [5, 17, 42, 99, 7, 3]
+    a = CompiledDecoder(swapped, tok).decode(prompt, 12, None).token_ids
+    b = CompiledDecoder(torchao_model, tok).decode(prompt, 12, None).token_ids
+    assert a == b and len(a) == 12
+
+
+LOAD_UNDER_AVX2 = """
+import json, sys, torch
+from pathlib import Path
+from models.quant.torchao import load
+m = load(Path(sys.argv[1]), torch.device("cpu"), "int8-wo")
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
+                  "layer": type(m.model.layers[0].mlp.up_proj).__name__}))
+"""
+
+
+def test_loading_int8_wo_on_an_avx2_only_cpu_uses_the_kernel(wide64_model_dir, tmp_path):
+    """ATEN_CPU_CAPABILITY=avx2 is how torch (and inductor) run on a CPU without AVX-512."""
+    (tmp_path / "q").mkdir()
+    quantize_model("torchao-int8-wo", wide64_model_dir, tmp_path / "q", [], QuantConfig(group_size=32))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_UNDER_AVX2, str(tmp_path / "q")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"capability": "AVX2", "layer": "Int8Linear"}
