@@ -5,9 +5,10 @@
 
 Each row is x [1, k] @ W^T for W [n, k] stored as fp32, bf16 or int8 (per-row scales), written
 the way inductor sees it in `models/fastgen.py` (a multiply and a sum over k, compiled with the
-same backend), plus ATen's own int8 kernel and smelt's AVX2 one (models/int8_cpu.py). It prints microseconds per product and the weight
-bytes read per second, so a format that is not vectorised on this ISA shows at once: under AVX2,
-torch 2.15's inductor converts int8 to fp32 one element at a time (~2 GB/s against ~60 for fp32).
+same backend), plus ATen's own int8 kernel and smelt's AVX2 one (models/int8_cpu.py). It prints
+microseconds per product and the weight bytes read per second, so a format that is not vectorised
+on this ISA shows at once: under AVX2, torch 2.15's inductor converts int8 to fp32 one element at
+a time (~2 GB/s against ~60 for fp32).
 """
 from __future__ import annotations
 

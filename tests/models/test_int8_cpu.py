@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from models.fastgen import CompiledDecoder
 from models.int8_cpu import Int8Linear, int8_linear, kernel, swap_int8_linears
-from models.quant import quantize_model
 from models.config import QuantConfig
+from models.quant import quantize_model
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
 
