@@ -5,7 +5,7 @@
 
 Each row is x [1, k] @ W^T for W [n, k] stored as fp32, bf16 or int8 (per-row scales), written
 the way inductor sees it in `models/fastgen.py` (a multiply and a sum over k, compiled with the
-same backend), plus ATen's own int8 kernel and smelt's AVX2 one (models/int8_cpu.py). It prints
+same backend), plus ATen's own int8 kernel and smelt's (models/int8_cpu.py; its AVX-512 build where the CPU runs it). It prints
 microseconds per product and the weight bytes read per second, so a format that is not vectorised
 on this ISA shows at once: under AVX2, torch 2.15's inductor converts int8 to fp32 one element at
 a time (~2 GB/s against ~60 for fp32).
@@ -20,7 +20,7 @@ import time
 import torch
 
 from models.fastgen import compile_step
-from models.int8_cpu import int8_linear, kernel
+from models.int8_cpu import int8_linear, kernel, vector_bits
 
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +40,8 @@ def formats(w: torch.Tensor) -> dict[str, tuple]:
         "int8 (fused dequant)": (rowdot, w8, s),
         "int8 (ATen _weight_int8pack_mm)": (lambda x, wq, sc: torch.ops.aten._weight_int8pack_mm(x, wq, sc), w8, s),
         **({"int8 (smelt AVX2 kernel)": (int8_linear, w8, s)} if kernel() else {}),
+        **({"int8 (smelt AVX-512 kernel)": (lambda x, wq, sc: int8_linear(x, wq, sc, 512), w8, s)}
+           if kernel() and vector_bits(w.device) == 512 else {}),
     }
 
 

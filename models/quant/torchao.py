@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
-from models.int8_cpu import avx2_only, swap_int8_linears
+from models.int8_cpu import use_kernel
 from models.quant import save_companions
 
 
@@ -81,6 +81,6 @@ def load(artifact_dir: Path, device: torch.device, scheme: str, group_size: int 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CUDA's int4 kernel wants bf16
         model = model.to(dtype)
         quantize_(model, _int4_config(device, group_size), filter_fn=int4_eligible(group_size))
-    if scheme == "int8-wo" and avx2_only(device):
-        swap_int8_linears(model)  # inductor's int8 loop is scalar on AVX2 (models/int8_cpu.py)
+    if scheme == "int8-wo":
+        use_kernel(model, device)  # where inductor's int8 loop is slow (models/int8_cpu.py)
     return model

@@ -9,7 +9,7 @@ def test_every_format_computes_x_times_w_transposed_within_its_precision():
     w, x = torch.randn(32, 64), torch.randn(1, 64)
     reference = x @ w.t()
     tolerance = {"fp32": 1e-5, "bf16": 2e-2, "int8 (fused dequant)": 2e-2, "int8 (ATen _weight_int8pack_mm)": 2e-2,
-                 "int8 (smelt AVX2 kernel)": 2e-2}
+                 "int8 (smelt AVX2 kernel)": 2e-2, "int8 (smelt AVX-512 kernel)": 2e-2}
     for name, (fn, wq, sc) in formats(w).items():
         err = ((fn(x, wq, sc) - reference).abs().max() / reference.abs().max()).item()
         assert err < tolerance[name], (name, err)

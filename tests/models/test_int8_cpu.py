@@ -1,5 +1,6 @@
-"""models/int8_cpu.py: the AVX2 int8 weight-only kernel computes torchao's product, swaps in for
-torchao's layers without changing the model's output, and is what `load` gives on an AVX2-only CPU."""
+"""models/int8_cpu.py: the int8 weight-only kernel (AVX2 and AVX-512 builds) computes torchao's
+product, swaps in for torchao's layers without changing the model's output, and is what `load` gives
+on AVX2-only and AVX-512 CPUs."""
 import json
 import os
 import shutil
@@ -18,36 +19,50 @@ from models.quant import quantize_model
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
 
 
+def widths() -> list[int]:
+    """The kernel builds this CPU can run."""
+    return [256, 512] if torch.backends.cpu.get_cpu_capability() == "AVX512" else [256]
+
+
 def test_the_kernel_matches_dequantized_fp32_for_1_to_8_rows_and_more():
     assert kernel()
     torch.manual_seed(0)
-    w = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
-    scale = torch.rand(48) / 100
-    for rows in (1, 2, 3, 5, 8, 9, 33):  # 9 and 33 go through at::mm
-        x = torch.randn(rows, 64)
-        reference = x @ (w.float() * scale[:, None]).t()
-        assert torch.allclose(int8_linear(x, w, scale), reference, atol=1e-4, rtol=1e-4), rows
-    x3 = torch.randn(2, 3, 64)  # leading dims kept
-    assert int8_linear(x3, w, scale).shape == (2, 3, 48)
+    w = torch.randint(-127, 128, (51, 64), dtype=torch.int8)  # 51 rows: not a multiple of the 512 build's tiles
+    scale = torch.rand(51) / 100
+    for bits in widths():
+        for rows in (1, 2, 3, 5, 6, 7, 8, 9, 33):  # 9 and 33 go through at::mm
+            x = torch.randn(rows, 64)
+            reference = x @ (w.float() * scale[:, None]).t()
+            assert torch.allclose(int8_linear(x, w, scale, bits), reference, atol=1e-4, rtol=1e-4), (bits, rows)
+        x3 = torch.randn(2, 3, 64)  # leading dims kept
+        assert int8_linear(x3, w, scale, bits).shape == (2, 3, 51)
+    with pytest.raises(RuntimeError, match="vector_bits"):
+        int8_linear(torch.randn(1, 64), w, scale, 128)
 
 
 def test_swapped_layers_give_torchaos_logits_and_greedy_tokens_compiled(wide64_model_dir, tmp_path):
     (tmp_path / "q").mkdir()
     quantize_model("torchao-int8-wo", wide64_model_dir, tmp_path / "q", [], QuantConfig(group_size=32))
     torchao_model = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
-    swapped = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
-    n = swap_int8_linears(swapped)
-    assert n == 2 * 7 and isinstance(swapped.model.layers[0].mlp.up_proj, Int8Linear)  # 7 linears per layer
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
-    with torch.inference_mode():
-        assert torch.allclose(swapped(ids).logits, torchao_model(ids).logits, atol=1e-4)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "q")
     prompt = [5, 17, 42, 99, 7, 3]
-    a = CompiledDecoder(swapped, tok).decode(prompt, 12, None).token_ids
     b = CompiledDecoder(torchao_model, tok).decode(prompt, 12, None).token_ids
-    assert a == b and len(a) == 12
+    draft = AutoModelForCausalLM.from_pretrained(wide64_model_dir).eval()  # the unquantized model: any draft will do
+    for bits in widths():
+        for fuse_one_row in (False, True):
+            swapped = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+            n = swap_int8_linears(swapped, bits, fuse_one_row)
+            assert n == 2 * 7 and isinstance(swapped.model.layers[0].mlp.up_proj, Int8Linear)  # 7 linears per layer
+            with torch.inference_mode():
+                for ids in ([[5]], [[5, 17, 42, 99, 7, 3]]):  # one row (inductor's when fused) and several (the kernel)
+                    got, want = swapped(torch.tensor(ids)).logits, torchao_model(torch.tensor(ids)).logits
+                    assert torch.allclose(got, want, atol=1e-4), (bits, fuse_one_row, ids)
+            a = CompiledDecoder(swapped, tok).decode(prompt, 12, None).token_ids
+            assert a == b and len(a) == 12, (bits, fuse_one_row)
+            spec = CompiledDecoder(swapped, tok, draft, num_draft_tokens=3).decode(prompt, 12, None)
+            assert spec.token_ids == b and spec.proposed > 0, (bits, fuse_one_row)  # verify steps run the kernel
 
 
 LOAD_UNDER_AVX2 = """
