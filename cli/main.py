@@ -62,9 +62,14 @@ def run(
     home, cfg = prepare(config, overrides, prefect="use")
     from flows.pipeline import pipeline
 
+    from tasks.data.formats import DataError
+
     console.print(f"smelt: preset [bold]{cfg.preset}[/bold], home {home}")
     t0 = time.perf_counter()
-    result = pipeline(cfg)
+    try:
+        result = pipeline(cfg)
+    except DataError as err:
+        fail(f"smelt run: {err}", 2)
     print_summary(result, time.perf_counter() - t0)
 
 
@@ -83,8 +88,13 @@ def train_cmd(
     from flows.pipeline import train
     from models.artifacts import read_json
 
+    from tasks.data.formats import DataError
+
     console.print(f"smelt train: preset [bold]{cfg.preset}[/bold], method {cfg.train.method}, home {home}")
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except DataError as err:
+        fail(f"smelt train: {err}", 2)
     draft = read_json(Path(result.draft) / "train.json") if result.draft else None
     print_train_result(result, read_json(Path(result.finetuned) / "train.json"), draft)
 
@@ -321,22 +331,46 @@ def data_ingest(
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Other config overrides, e.g. --set etl.near_dedup=true "
                                                                     "--set etl.task_runner=dask (repeatable)."),
     config: str = typer.Option("tiny-cpu", "--config", "-c", help="Preset whose tokenizer, chat template and length limit apply."),
+    prefect: Optional[bool] = typer.Option(None, "--prefect/--no-prefect", help="Run as a Prefect flow (a temporary "
+                                           "server if `smelt up` is not running) or in this process; default: a flow "
+                                           "when a server is up or etl.task_runner=dask, else in this process."),
 ) -> None:
     """Run the ETL stage alone: validate, normalise, deduplicate, check contamination, split and version the data.
 
     Prints the version id and every count; bad rows are quarantined with file, line and reason, and
-    the data report goes to the Prefect run and to MLflow. Ingesting the same input again is free.
+    the data report goes to MLflow (and to the Prefect run when a server is up). Ingesting the same
+    input again is free. With `smelt up` running, the ingest is a Prefect flow run in its UI;
+    without, it runs in this process at once (a temporary Prefect server would cost more than a
+    small file does).
     """
-    home, cfg = prepare(config, [f"etl.sources={json.dumps(paths)}", f"etl.format={fmt}", f"etl.record_shape={schema}",
-                                 *(overrides or [])], prefect="use")
-    from flows.pipeline import etl
+    overrides = [f"etl.sources={json.dumps(paths)}", f"etl.format={fmt}", f"etl.record_shape={schema}", *(overrides or [])]
+    home, cfg = prepare(config, overrides)
     from tasks.data.formats import DataError
 
+    running = use_running_prefect(home)  # a flow run reports to `smelt up`'s server when one runs
+    as_flow = prefect if prefect is not None else running or cfg.etl.task_runner == "dask"
     try:
-        result = etl(cfg)
+        result = etl_through_prefect(cfg) if as_flow else etl_in_process(cfg, home)
     except DataError as err:
         fail(f"smelt data ingest: {err}", 2)
     print_data_summary(result)
+
+
+def etl_through_prefect(cfg):
+    from flows.pipeline import etl
+
+    return etl(cfg)
+
+
+def etl_in_process(cfg, home: Path):
+    """The smelt-etl flow's steps as plain calls: the same dataset version and MLflow run, no Prefect."""
+    from tasks.etl import build_dataset, prepare_tokenizer
+    from tasks.report import log_dataset
+    from tasks.results import EtlResult
+
+    dataset = build_dataset(cfg.etl, home, prepare_tokenizer(cfg.model, home), cfg.model.chat_template)
+    run_id = log_dataset(cfg, None, dataset, home)
+    return EtlResult(mlflow_run_id=run_id, dataset=dataset.version, counts=dataset.counts, path=str(dataset.path))
 
 
 @data_app.command("bench")

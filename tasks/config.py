@@ -28,9 +28,12 @@ class EtlConfig(StrictModel):
                     "folders (save_to_disk) or plain text, compressed or not; relative paths resolve from the repo root.",
     )
     format: Format = Field("auto", description="Input format; 'auto' reads it from the file suffix (and sniffs .json).")
-    record_shape: Literal["auto", "prompt-completion", "alpaca", "chat", "sharegpt", "text"] = Field(
+    record_shape: Literal["auto", "prompt-completion", "alpaca", "chat", "sharegpt", "text", "preference",
+                          "sharegpt-preference", "openai-preference"] = Field(
         "auto", description="Record shape; 'auto' detects it per file from the fields (prompt/completion, "
-                            "instruction/input/output, messages, conversations, text). A file mixing shapes is refused.")
+                            "instruction/input/output, messages, conversations, text; preference pairs: prompt/chosen/rejected, "
+                            "conversations/chosen/rejected, input/preferred_output/non_preferred_output). A file mixing "
+                            "shapes is refused.")
     text_unit: Literal["paragraph", "line", "file"] = Field("paragraph", description="What one record of a plain-text corpus is.")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation, chosen by content hash.")
     max_tokens: int | None = Field(None, ge=8, description="Rows longer than this after the chat template and tokenizer are "

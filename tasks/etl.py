@@ -42,7 +42,7 @@ from models.config import ModelConfig
 from tasks.config import REPO_ROOT, EtlConfig
 from tasks.data.formats import DataError, EmptyFolder, Shard, SourcePlan, expand_source, plan_source, position_unit, read_records
 from tasks.data.quality import NearDuplicates, fingerprints, in_table, ngram_hashes, plain_texts, row_id, rows_hitting, split_of
-from tasks.data.shapes import RowError, content_text, context_of, detect_shape, to_messages
+from tasks.data.shapes import Row, RowError, content_text, context_of, detect_shape, to_row
 
 __all__ = ["DataError", "DatasetVersion", "build_dataset"]
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()), ("messages", MESSAGES), ("prompt", pa.string()), ("completion", pa.string()),
     ("source", pa.string()), ("position", pa.int64()), ("tokens", pa.int32()),
+    ("rejected", pa.string()),  # a preference pair's rejected answer to the same context; null for other rows
 ])
 PART_SCHEMA = ROW_SCHEMA.append(pa.field("split", pa.string()))
 BATCH_ROWS = 2048
@@ -158,14 +159,14 @@ class ShardWriter:
     def __init__(self, shard: Shard, part: Path, quarantine, cfg: EtlConfig, tokenizer):
         self.shard, self.part, self.quarantine, self.cfg, self.tok = shard, part, quarantine, cfg, tokenizer
         self.unit = position_unit(shard.format)
-        # (position, messages, None) for a valid row, (position, record, reason) for a rejected one
+        # (position, Row, None) for a valid row, (position, record, reason) for a rejected one
         self.buffer: list[tuple[int, object, str | None]] = []
         self.writer = pq.ParquetWriter(part, PART_SCHEMA)
         self.kept = self.quarantined = 0
         self.split_counts: Counter = Counter()
 
-    def add(self, position: int, messages: list[dict]) -> None:
-        self.buffer.append((position, messages, None))
+    def add(self, position: int, row: Row) -> None:
+        self.buffer.append((position, row, None))
         if len(self.buffer) >= BATCH_ROWS:
             self.flush()
 
@@ -173,21 +174,23 @@ class ShardWriter:
         self.buffer.append((position, record, reason))
 
     def flush(self) -> None:
-        valid = [m for _, m, reason in self.buffer if reason is None]
-        texts = [self.tok.apply_chat_template(m, tokenize=False) for m in valid]
+        valid = [r for _, r, reason in self.buffer if reason is None]
+        # a pair is as long as the longer of its two conversations
+        texts = [self.tok.apply_chat_template(c, tokenize=False) for r in valid for c in conversations(r)]
         # The Rust tokenizer directly: only lengths are needed, not Python lists of ids.
         encodings = self.tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
         lengths = iter(len(e) for e in encodings)
         rows = []
         for position, item, reason in self.buffer:
-            n = next(lengths) if reason is None else 0
+            n = max(next(lengths) for _ in conversations(item)) if reason is None else 0
             if reason is None and n > self.cfg.max_tokens:
                 reason = f"{n} tokens with the chat template, over the limit of {self.cfg.max_tokens} (etl.max_tokens)"
             if reason is None:
                 rows.append(canonical_row(item, self.shard.source, position, n, self.cfg.eval_fraction))
             else:
                 self.quarantined += 1
-                entry = {"file": self.shard.source, self.unit: position, "reason": reason, "record": item}
+                record = quarantined_form(item)
+                entry = {"file": self.shard.source, self.unit: position, "reason": reason, "record": record}
                 self.quarantine.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
         self.kept += len(rows)
         self.split_counts.update(r["split"] for r in rows)
@@ -200,11 +203,27 @@ class ShardWriter:
         self.writer.close()
 
 
-def canonical_row(messages: list[dict], source: str, position: int, tokens: int, eval_fraction: float) -> dict:
+def quarantined_form(item):
+    """What the quarantine shows of a rejected item: the record as read, or the canonical form of a row
+    rejected after mapping (over-long)."""
+    if not isinstance(item, Row):
+        return item
+    return item.messages if item.rejected is None else {"messages": item.messages, "rejected": item.rejected}
+
+
+def conversations(row: Row) -> list[list[dict]]:
+    """What the chat template renders for a row: its messages, and for a pair the rejected answer in place of the chosen."""
+    if row.rejected is None:
+        return [row.messages]
+    return [row.messages, row.messages[:-1] + [{"role": "assistant", "content": row.rejected}]]
+
+
+def canonical_row(row: Row, source: str, position: int, tokens: int, eval_fraction: float) -> dict:
+    messages = row.messages
     users = [m["content"] for m in messages if m["role"] == "user"]
-    return {"id": row_id(messages), "messages": messages, "prompt": users[-1] if users else "",
+    return {"id": row_id(messages, row.rejected), "messages": messages, "prompt": users[-1] if users else "",
             "completion": messages[-1]["content"], "source": source, "position": position, "tokens": tokens,
-            "split": split_of(messages, eval_fraction)}
+            "rejected": row.rejected, "split": split_of(messages, eval_fraction)}
 
 
 class ShapeTracker:
@@ -222,7 +241,7 @@ class ShapeTracker:
         seen = detect_shape(record)
         if seen is None:
             raise RowError("no field of a known record shape (prompt/completion, instruction/output, messages, "
-                           "conversations or text)")
+                           "conversations, text, chosen/rejected)")
         if self.shape is None:
             self.shape, self.first = seen, position
         elif seen != self.shape:
@@ -252,7 +271,7 @@ def ingest_shard(shard: Shard, index: int, plan: IngestPlan, cfg: EtlConfig) -> 
                     try:
                         if error:
                             raise RowError(error)
-                        out.add(position, to_messages(record, shapes.of(position, record)))
+                        out.add(position, to_row(record, shapes.of(position, record)))
                     except RowError as e:
                         out.reject(position, str(e), record)
             finally:
@@ -413,12 +432,14 @@ def length_stats(lengths: np.ndarray) -> dict:
             "min": int(lengths.min()), "p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]), "max": int(lengths.max())}
 
 
-def reason_kinds(quarantine: Path, top: int = 12) -> dict[str, int]:
-    """Quarantine reasons grouped by kind (numbers masked), most common first."""
+def reason_kinds(quarantine: Path, top: int = 12, file: str | None = None) -> dict[str, int]:
+    """Quarantine reasons grouped by kind (numbers masked), most common first; of one input file if given."""
     kinds: Counter = Counter()
     with open(quarantine, encoding="utf-8") as f:
         for line in f:
-            kinds[re.sub(r"\d+", "N", json.loads(line)["reason"])[:120]] += 1
+            entry = json.loads(line)
+            if file is None or entry["file"] == file:
+                kinds[re.sub(r"\d+", "N", entry["reason"])[:120]] += 1
     return dict(kinds.most_common(top))
 
 
@@ -455,9 +476,14 @@ def merge_shards(plan: IngestPlan, results: list[dict], cfg: EtlConfig) -> Datas
             removed.close()
         concat_quarantine(plan, results, tmp / "quarantine.jsonl")
         counts = count_rows(results, removed, lengths)
+        if not counts["train"] or not counts["eval"]:
+            # the version is not published: keep its quarantine where the message says (plan.work outlives a failure)
+            shutil.copyfile(tmp / "quarantine.jsonl", plan.work / "quarantine.jsonl")
+            raise DataError(empty_dataset(counts, plan, cfg, plan.work / "quarantine.jsonl"))
         manifest = build_manifest(plan, cfg, results, shapes, counts, lengths, tmp / "quarantine.jsonl")
         write_json(tmp / "manifest.json", manifest)
         plot_lengths(lengths, cfg.max_tokens, tmp / "lengths.png")
+    warn_mostly_quarantined(results, plan, cfg, plan.out / "quarantine.jsonl")
     return DatasetVersion(plan.version, plan.out, counts)
 
 
@@ -469,10 +495,57 @@ def count_rows(results: list[dict], removed: Removed, lengths: dict) -> dict:
     accounted = sum(counts[k] for k in ("kept", "quarantined", "duplicates", "near_duplicates", "contaminated"))
     if accounted != counts["rows_in"]:  # a bug, never bad data: refuse to publish a dataset that lost rows
         raise RuntimeError(f"row accounting is off: {counts}")
-    if not counts["train"] or not counts["eval"]:
-        raise DataError(f"after validation the dataset has {counts['train']} train and {counts['eval']} eval rows; "
-                        f"both must be non-empty ({counts})")
     return counts
+
+
+def empty_dataset(counts: dict, plan: IngestPlan, cfg: EtlConfig, quarantine: Path) -> str:
+    """Why no usable dataset came out: the counts, the top quarantine reasons, where the rejected rows
+    are and what setting would help."""
+    lines = [f"after validation the dataset has {counts['train']} train and {counts['eval']} eval rows; both must be "
+             f"non-empty. Of {counts['rows_in']:,} rows read: {counts['quarantined']:,} quarantined, "
+             f"{counts['duplicates'] + counts['near_duplicates']:,} duplicates, {counts['contaminated']:,} contaminated, "
+             f"{counts['kept']:,} kept."]
+    reasons = reason_kinds(quarantine, top=5)
+    if reasons:
+        lines += ["Top quarantine reasons:"] + [f"  {n:>7,}  {kind}" for kind, n in reasons.items()]
+        lines.append(f"Every rejected row, with its file, line and reason: {quarantine}")
+    lines += [f"Hint: {h}" for h in hints(reasons, plan, cfg, counts)]
+    return "\n".join(lines)
+
+
+def warn_mostly_quarantined(results: list[dict], plan: IngestPlan, cfg: EtlConfig, quarantine: Path) -> None:
+    """A file that lost most of its rows is likely read the wrong way: say why, where, and what would help."""
+    for source in dict.fromkeys(r["source"] for r in results):
+        rows_in = sum(r["rows_in"] for r in results if r["source"] == source)
+        lost = sum(r["quarantined"] for r in results if r["source"] == source)
+        if rows_in and lost * 2 > rows_in:
+            reasons = reason_kinds(quarantine, top=3, file=source)
+            print(f"warning: {lost:,} of {rows_in:,} rows of {source} were quarantined: "
+                  + "; ".join(f"{n:,} x {kind}" for kind, n in reasons.items()) + f" (all in {quarantine})")
+            for h in hints(reasons, plan, cfg, None):
+                print(f"  hint: {h}")
+
+
+def hints(reasons: dict[str, int], plan: IngestPlan, cfg: EtlConfig, counts: dict | None) -> list[str]:
+    """Settings that would help with these quarantine reasons (kinds, as `reason_kinds` groups them)."""
+    text = " ".join(reasons)
+    out = []
+    if "(etl.max_tokens)" in text:
+        plain = any(s.format == "text" for s in plan.sources)
+        if plain and cfg.text_unit == "paragraph":
+            out.append("plain text is read one paragraph (up to a blank line) per row; for one document per line "
+                       "set etl.text_unit=line (`--set etl.text_unit=line`)")
+        out.append(f"rows over etl.max_tokens ({cfg.max_tokens}, from train.max_seq_len) are rejected: raise "
+                   "train.max_seq_len or shorten the rows")
+    if "no field of a known record shape" in text:
+        out.append("name the fields as one of the record shapes (prompt/completion, instruction/output, messages, "
+                   "conversations, text) or map them with --schema (etl.record_shape)")
+    if "only text parts can be trained on" in text:
+        out.append("smelt trains text models: drop the image/audio parts (or the rows that need them)")
+    if counts and counts["kept"] and (not counts["train"] or not counts["eval"]):
+        out.append(f"{counts['kept']} rows kept are too few for a split at etl.eval_fraction={cfg.eval_fraction}: "
+                   "add rows or change etl.eval_fraction")
+    return out
 
 
 def build_manifest(plan: IngestPlan, cfg: EtlConfig, results: list[dict], shapes: dict, counts: dict,

@@ -16,9 +16,10 @@ from tasks.data.shapes import content_text, context_of
 MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the rolling n-gram hash
 
 
-def row_id(messages: list[dict]) -> str:
-    """Content id of a canonical row: exact duplicates share it."""
-    return hashlib.blake2b(json.dumps(messages, ensure_ascii=False).encode(), digest_size=16).hexdigest()
+def row_id(messages: list[dict], rejected: str | None = None) -> str:
+    """Content id of a canonical row (a preference pair: with its rejected answer): exact duplicates share it."""
+    content = messages if rejected is None else [messages, rejected]
+    return hashlib.blake2b(json.dumps(content, ensure_ascii=False).encode(), digest_size=16).hexdigest()
 
 
 def split_key(messages: list[dict]) -> str:

@@ -39,7 +39,7 @@ def ingested(tmp_path_factory):
     write_inputs(tmp / "data")
     home = tmp / "home"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.main", "data", "ingest", str(tmp / "data"), "--config", "micro-cpu",
+        [sys.executable, "-m", "cli.main", "data", "ingest", str(tmp / "data"), "--config", "micro-cpu", "--prefect",
          "--set", "etl.task_runner=dask", "--set", "etl.dask_workers=2", "--set", "etl.shard_mb=0.004"],
         env=smelt_env(home), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -99,3 +99,38 @@ def test_a_bad_file_fails_the_ingest_command_with_its_name_and_line(tmp_path):
             in proc.stdout + proc.stderr)
     assert not (tmp_path / "home" / "datasets").exists() or not any(
         (d / "manifest.json").exists() for d in (tmp_path / "home" / "datasets").iterdir())
+
+
+def test_without_a_server_ingest_runs_in_process_fast_and_logs_to_mlflow(tmp_path):
+    src = tmp_path / "parts.jsonl"
+    src.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": f"Order {i}: {i % 7} cups of tea to Oslo."}]},
+        {"role": "assistant", "content": [{"type": "text", "value": json.dumps({"qty": i % 7})}]}]}) + "\n"
+        for i in range(40)))
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "data", "ingest", str(src), "--config", "micro-cpu"],
+                          env=smelt_env(tmp_path / "home"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    version = re.search(r"Dataset ([0-9a-f]{12})", proc.stdout).group(1)
+    assert not (tmp_path / "home" / "prefect" / "prefect.db").exists()  # no temporary Prefect server was started
+    got = json.loads(in_subprocess(tmp_path / "home", """
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient()
+(run,) = c.search_runs([c.get_experiment_by_name('smelt-micro-cpu').experiment_id])
+print(json.dumps({'digest': run.inputs.dataset_inputs[0].dataset.digest}))
+"""))
+    assert got["digest"] == version
+
+
+def test_a_file_that_quarantines_everything_fails_with_reasons_and_no_traceback(tmp_path):
+    corpus = tmp_path / "corpus.txt"  # one long document per line, no blank lines: one over-long paragraph
+    corpus.write_text("".join(f"Document {i} tells how order {i} for {i % 9 + 2} boxes of tea went from Oslo to Rome "
+                              f"by train, then by ship, and arrived on day {i + 3} in good order.\n" for i in range(60)))
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "data", "ingest", str(corpus), "--config", "micro-cpu"],
+                          env=smelt_env(tmp_path / "home"), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out
+    assert "smelt data ingest: after validation the dataset has 0 train and 0 eval rows" in out
+    assert "over the limit of N (etl.max_tokens)" in out and "set etl.text_unit=line" in out
+    assert "Every rejected row, with its file, line and reason: " in out

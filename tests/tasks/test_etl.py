@@ -8,6 +8,7 @@ import json
 import os
 import random
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +22,8 @@ EVAL_FRACTION = 0.3
 MAX_TOKENS = 256
 FRUITS = ["apples", "pears", "plums", "figs", "limes", "dates", "kiwis", "mangos", "grapes", "melons", "lemons", "cherries"]
 TURN_ORDER = "(optional system first, then user/assistant turns, ending with assistant)"
-NO_SHAPE = ("no field of a known record shape (prompt/completion, instruction/output, messages, conversations or text)")
+NO_SHAPE = ("no field of a known record shape (prompt/completion, instruction/output, messages, conversations, text, "
+            "chosen/rejected)")
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -663,7 +665,8 @@ def test_manifest_records_sources_counts_schema_lengths_and_config(build, tmp_pa
         {"uri": str(b), "format": "csv", "sha256": hashlib.sha256(b.read_bytes()).hexdigest(), "bytes": b.stat().st_size,
          "shards": 1, "record_shape": "alpaca"}]
     assert m["schema"] == {"id": "string", "messages": "list<item: struct<role: string, content: string>>", "prompt": "string",
-                           "completion": "string", "source": "string", "position": "int64", "tokens": "int32"}
+                           "completion": "string", "source": "string", "position": "int64", "tokens": "int32",
+                           "rejected": "string"}
     assert m["quarantine_reasons"] == {"missing field 'completion'": 2, "malformed JSON: Expecting property name enclosed "
                                        "in double quotes at column N": 1}
     assert m["config"] == EtlConfig(sources=[str(a), str(b)], max_tokens=MAX_TOKENS, eval_fraction=EVAL_FRACTION).model_dump()
@@ -678,7 +681,7 @@ def test_manifest_records_sources_counts_schema_lengths_and_config(build, tmp_pa
     assert (ds.counts["rows_in"], ds.counts["quarantined"], ds.counts["kept"]) == (21, 3, 18)
     assert (ds.path / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pq.read_schema(ds.path / "train.parquet").names == ["id", "messages", "prompt", "completion", "source", "position",
-                                                               "tokens"]
+                                                               "tokens", "rejected"]
     assert sorted(p.name for p in ds.path.iterdir()) == ["eval.parquet", "lengths.png", "manifest.json", "quarantine.jsonl",
                                                          "removed.jsonl", "train.parquet"]
 
@@ -704,3 +707,140 @@ def test_shipped_sample_data_is_what_its_generator_makes():
     gen = runpy.run_path(str(REPO_ROOT / "data" / "generate_orders.py"))
     shipped = [json.loads(line) for line in (REPO_ROOT / "data" / "orders.jsonl").read_text().splitlines()]
     assert shipped == gen["make_rows"](3000)
+
+
+# ---- the data people have: typed content parts, line corpora, failures that explain ------------
+
+
+def parts_record(i: int, key: str) -> dict:
+    """A chat row whose contents are lists of typed parts (`key`: 'text' as OpenAI writes them, 'value'
+    as another tool does), with an extra per-message key."""
+    fruit = FRUITS[i % 12]
+    return {"messages": [
+        {"role": "user", "content": [{"type": "text", key: f"Order {i}:"}, {"type": "text", key: f"how many {fruit}?"}]},
+        {"role": "assistant", "content": [{"type": "text", key: f"{i + 2} {fruit}"}], "weight": 1}]}
+
+
+def test_content_given_as_typed_text_parts_is_joined_and_kept(build, tmp_path):
+    rows = [parts_record(i, "text") for i in range(8)] + [parts_record(i, "value") for i in range(8, 16)]
+    ds = build(write_lines(tmp_path / "parts.jsonl", rows))
+    assert ds.counts["kept"] == 16 and ds.counts["quarantined"] == 0
+    by_prompt = {r["prompt"]: r for r in ds.rows("train") + ds.rows("eval")}
+    row = by_prompt["Order 9:\nhow many melons?"]
+    assert row["completion"] == "11 melons" and [m["role"] for m in row["messages"]] == ["user", "assistant"]
+
+
+def test_a_row_with_a_non_text_part_is_quarantined_naming_the_part(build, home, tmp_path):
+    image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                       {"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "a cat"}]}
+    ds = build(write_lines(tmp_path / "mixed.jsonl", [parts_record(i, "text") for i in range(12)] + [image]))
+    assert ds.counts["quarantined"] == 1
+    [entry] = read_jsonl(ds.path / "quarantine.jsonl")
+    assert entry["line"] == 13
+    assert entry["reason"] == "field 'messages[1].content' part 2 is of type 'image_url'; only text parts can be trained on"
+
+
+def test_a_file_that_quarantines_everything_says_why_where_and_what_helps(build, home, tmp_path):
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "a cat"}]}
+    src = write_lines(tmp_path / "images.jsonl", [image] * 5 + [{"question": "q", "answer": "a"}] * 2)
+    with pytest.raises(DataError) as err:
+        build(src)
+    message = str(err.value)
+    assert "Of 7 rows read: 7 quarantined" in message
+    lines = message.splitlines()
+    top = lines.index("Top quarantine reasons:")
+    assert lines[top + 1].split(None, 1) == ["5", "field 'messages[N].content' part N is of type 'image_url'; "
+                                                  "only text parts can be trained on"]
+    assert lines[top + 2].split(None, 1) == ["2", NO_SHAPE]
+    path = message.split("Every rejected row, with its file, line and reason: ", 1)[1].splitlines()[0]
+    assert [e["line"] for e in read_jsonl(Path(path))] == [1, 2, 3, 4, 5, 6, 7]
+    assert "Hint: smelt trains text models" in message and "Hint: name the fields as one of the record shapes" in message
+    assert "Traceback" not in message
+    assert_no_dataset(home)
+
+
+def test_one_document_per_line_needs_text_unit_line_and_the_error_says_so(build, home, tmp_path):
+    docs = [f"Document {i} says that order {i} asked for {i + 2} {FRUITS[i % 12]} and shipped on day {i + 1} "
+            f"from the {FRUITS[(i + 5) % 12]} warehouse." for i in range(40)]
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"(?s)over the limit of N \(etl.max_tokens\).*"
+                                        r"Hint: plain text is read one paragraph .* set etl.text_unit=line"):
+        build(src)
+    assert_no_dataset(home)
+    ds = build(src, text_unit="line")
+    assert ds.counts["kept"] == 40 and ds.counts["quarantined"] == 0
+
+
+def test_a_file_that_loses_most_of_its_rows_gets_a_warning_with_reasons(build, tmp_path, capsys):
+    rows = [record("pc", i) for i in range(12)] + [{"prompt": "q", "completion": 5}] * 13
+    ds = build(write_lines(tmp_path / "half.jsonl", rows))
+    assert ds.counts["kept"] == 12 and ds.counts["quarantined"] == 13
+    out = capsys.readouterr().out
+    assert f"warning: 13 of 25 rows of {tmp_path / 'half.jsonl'} were quarantined: 13 x field 'completion' is a number, " \
+           f"not a string (all in {ds.path / 'quarantine.jsonl'})" in out
+
+
+# ---- preference pairs ------------------------------------------------------------------------
+
+
+def pair_record(shape: str, i: int) -> dict:
+    """Preference pair i in a preference shape: the right count chosen, a wrong one rejected."""
+    fruit = FRUITS[i % 12]
+    q, good, bad = f"Order {i}: how many {fruit} did the customer ask for?", f"{i + 2} {fruit}", f"{i + 3} {fruit}"
+    if shape == "trl":
+        return {"prompt": q, "chosen": good, "rejected": bad}
+    if shape == "trl-chat":
+        return {"prompt": [{"role": "system", "content": "Count."}, {"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": good}], "rejected": [{"role": "assistant", "content": bad}]}
+    if shape == "sharegpt":  # LLaMA-Factory's dpo_en_demo.json
+        return {"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": good},
+                "rejected": {"from": "gpt", "value": bad}}
+    return {"input": {"messages": [{"role": "user", "content": q}], "tools": [], "parallel_tool_calls": True},
+            "preferred_output": [{"role": "assistant", "content": good}],
+            "non_preferred_output": [{"role": "assistant", "content": bad}]}
+
+
+@pytest.mark.parametrize("shape,detected", [("trl", "preference"), ("trl-chat", "preference"),
+                                            ("sharegpt", "sharegpt-preference"), ("openai", "openai-preference")])
+def test_preference_files_in_every_shape_become_pairs(build, tmp_path, shape, detected):
+    ds = build(write_lines(tmp_path / f"{shape}.jsonl", [pair_record(shape, i) for i in range(20)]))
+    assert ds.counts["kept"] == 20 and ds.counts["quarantined"] == 0
+    assert ds.manifest["sources"][0]["record_shape"] == detected
+    rows = {r["position"]: r for r in ds.rows("train") + ds.rows("eval")}
+    row = rows[8]  # line 8 is pair 7
+    assert row["messages"][-2:] == [{"role": "user", "content": "Order 7: how many mangos did the customer ask for?"},
+                                    {"role": "assistant", "content": "9 mangos"}]
+    assert row["completion"] == "9 mangos" and row["rejected"] == "10 mangos"
+    if shape == "trl-chat":
+        assert row["messages"][0] == {"role": "system", "content": "Count."}
+
+
+def test_malformed_pairs_are_quarantined_with_reasons(build, tmp_path):
+    good = [pair_record("sharegpt", i) for i in range(12)]
+    same = {**pair_record("sharegpt", 40), "rejected": {"from": "gpt", "value": "42 apples"}}
+    same["chosen"] = {"from": "gpt", "value": "42 apples"}
+    from_user = {**pair_record("sharegpt", 41), "chosen": {"from": "human", "value": "hm"}}
+    no_prompt = {"conversations": [], "chosen": "a", "rejected": "b"}
+    image = {**pair_record("sharegpt", 42), "rejected": {"from": "gpt", "value": [{"type": "image_url"}]}}
+    ds = build(write_lines(tmp_path / "pairs.jsonl", good + [same, from_user, no_prompt, image]))
+    assert ds.counts["kept"] == 12 and ds.counts["quarantined"] == 4
+    assert [(e["line"], e["reason"]) for e in read_jsonl(ds.path / "quarantine.jsonl")] == [
+        (13, "chosen and rejected are the same answer; a preference pair needs two different ones"),
+        (14, "field 'chosen' ends with a message from 'human', not the assistant"),
+        (15, "field 'conversations' is empty"),
+        (16, "field 'rejected.value' part 1 is of type 'image_url'; only text parts can be trained on")]
+
+
+def test_pairs_dedup_on_the_pair_and_split_by_prompt(build, tmp_path):
+    base = [pair_record("trl", i) for i in range(30)]
+    other_rejected = [{**pair_record("trl", i), "rejected": f"{i + 9} {FRUITS[i % 12]}"} for i in range(30)]
+    ds = build(write_lines(tmp_path / "pairs.jsonl", base + base[:5] + other_rejected))
+    assert ds.counts["duplicates"] == 5 and ds.counts["kept"] == 60  # the same prompt with another rejected answer is kept
+    by_prompt: dict[str, set] = {}
+    for split in ("train", "eval"):
+        for r in ds.rows(split):
+            by_prompt.setdefault(r["prompt"], set()).add(split)
+    assert all(len(splits) == 1 for splits in by_prompt.values())  # one prompt, one split
