@@ -98,3 +98,15 @@ def quiet_library_logs() -> None:
     # for an optional hub kernel for 4-bit CPU matmul and falls back to its own when offline.
     for name in ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops", "mlflow.utils.uv_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(without_data_error_traceback)
+
+
+def without_data_error_traceback(record) -> bool:
+    """Prefect logs a failed run's exception with its traceback. For bad input data (a DataError:
+    its message names the file, row and what to do, and the CLI prints it) the traceback only buries
+    that message, so the record keeps its one line."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if type(exc).__name__ in ("DataError", "EmptyFolder"):
+        record.exc_info, record.exc_text = None, None
+    return True

@@ -534,7 +534,7 @@ def hints(reasons: dict[str, int], plan: IngestPlan, cfg: EtlConfig, counts: dic
         plain = any(s.format == "text" for s in plan.sources)
         if plain and cfg.text_unit == "paragraph":
             out.append("plain text is read one paragraph (up to a blank line) per row; for one document per line "
-                       "set etl.text_unit=line (`--set etl.text_unit=line`)")
+                       "set etl.text_unit=line (`smelt run etl.text_unit=line`, `smelt data ingest --set etl.text_unit=line`)")
         out.append(f"rows over etl.max_tokens ({cfg.max_tokens}, from train.max_seq_len) are rejected: raise "
                    "train.max_seq_len or shorten the rows")
     if "no field of a known record shape" in text:

@@ -57,3 +57,32 @@ def test_serve_config_reads_its_smelt_variables_and_names_a_bad_one(env):
     env.setenv("SMELT_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValidationError, match="max_batch_size"):
         ServeConfig()
+
+
+def test_prefect_run_logs_keep_a_data_error_to_its_message_and_other_errors_to_their_traceback():
+    import logging
+    import sys
+
+    from models.settings import quiet_library_logs
+    from tasks.data.formats import DataError
+
+    quiet_library_logs()
+    logger = logging.getLogger("prefect.task_runs")
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(self.format(record))
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        for exc in (DataError("input file x.jsonl is empty"), RuntimeError("a bug")):
+            try:
+                raise exc
+            except Exception:
+                logger.error("Task run failed with exception: %r", sys.exc_info()[1], exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert seen[0] == "Task run failed with exception: DataError('input file x.jsonl is empty')"
+    assert seen[1].startswith("Task run failed with exception: RuntimeError('a bug')\nTraceback")
