@@ -52,8 +52,8 @@ def decoder(generator, tokenizer, max_new_tokens: int):
             first = time.perf_counter() - t0 if first is None else first
             tokens.append(step.token_id)
         seconds = time.perf_counter() - t0
-        if len(tokens) < max_new_tokens:  # it stopped at EOS, which CTranslate2 does not yield: smelt's loops keep it
-            tokens.append(tokenizer.eos_token_id)
+        if len(tokens) < max_new_tokens and tokens[-1:] != [tokenizer.eos_token_id]:
+            tokens.append(tokenizer.eos_token_id)  # stopped at EOS without yielding it (older CTranslate2): smelt's loops keep it
         return Generation(tokens, seconds, first, prompt_tokens=len(ids))
     return decode
 

@@ -63,3 +63,27 @@ def test_a_peer_that_is_not_installed_is_skipped_with_the_install_command(varied
     lines = []
     assert peer_recipes(varied_fp32, None, tmp_path, echo=lines.append) == []
     assert lines and "ctranslate2 is not installed" in lines[0] and "uv " in lines[0]
+
+
+def test_an_answer_that_ends_at_eos_keeps_one_eos_like_smelts_loops(varied_fp32, tmp_path):
+    """A copy of the model whose EOS is the token it answers first: every engine stops at once."""
+    from transformers import GenerationConfig
+
+    from bench.serve import Setup
+    from models.chat import render_context
+    from models.decoding import encode
+
+    tok = AutoTokenizer.from_pretrained(varied_fp32)
+    model = AutoModelForCausalLM.from_pretrained(varied_fp32).eval()
+    text = render_context(tok, PROMPTS[0])
+    with torch.inference_mode():
+        first = int(model(torch.tensor([encode(tok, text)])).logits[0, -1].argmax())
+    stops = tmp_path / "stops"
+    tok.eos_token = tok.convert_ids_to_tokens(first)
+    model.config.eos_token_id = first
+    model.generation_config = GenerationConfig(eos_token_id=first, pad_token_id=first)
+    model.save_pretrained(stops)
+    tok.save_pretrained(stops)
+    setup = Setup(tok, [text], None, 12, 1, 3)
+    recipe = next(r for r in peer_recipes(stops, setup, tmp_path / "peers") if r.name == "ctranslate2 float32")
+    assert recipe.decode(0).token_ids == [first]  # the EOS once: as transformers' generate and smelt's loops give it
