@@ -61,7 +61,6 @@ def run(
     """Run the whole pipeline: ETL, LoRA fine-tuning, quantization, evaluation, MLflow registration, Bento build."""
     home, cfg = prepare(config, overrides, prefect="use")
     from flows.pipeline import pipeline
-
     from tasks.data.formats import DataError
 
     console.print(f"smelt: preset [bold]{cfg.preset}[/bold], home {home}")
@@ -87,7 +86,6 @@ def train_cmd(
     home, cfg = prepare(config, overrides, prefect="use")
     from flows.pipeline import train
     from models.artifacts import read_json
-
     from tasks.data.formats import DataError
 
     console.print(f"smelt train: preset [bold]{cfg.preset}[/bold], method {cfg.train.method}, home {home}")

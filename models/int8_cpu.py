@@ -7,7 +7,7 @@ compiled loop inductor fuses the conversion into the matmul. Two cases where tha
   faster). Every int8 layer uses the kernel there.
 - Several rows (a speculative verify of k + 1 tokens, a small batch), AVX-512 too: inductor's loop
   converts each weight once per row, so verifying 5 tokens cost ~3x a one-token step (12.2M base:
-  2.8 vs 0.85 ms); the kernel widens each weight once for all rows (1.9 ms). One row stays
+  2.3-3.0 vs 0.83-1.09 ms); the kernel widens each weight once for all rows (2.1-2.35 ms). One row stays
   inductor's: fused with its neighbours and called from the C++ wrapper, it beats an op call.
 
 `models/csrc/int8_gemv.cpp` widens 16 int8 at a time in registers (AVX2 or AVX-512 lanes) and reads
@@ -47,7 +47,7 @@ def kernel() -> bool:
         load(name="smelt_int8_gemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"],
              is_python_module=False, verbose=False)
     except Exception as err:  # no compiler, no headers: the torchao layers still work, slower
-        log.warning("smelt: the AVX2 int8 kernel could not be built (%s); int8 layers stay torchao's", err)
+        log.warning("smelt: the int8 kernel could not be built (%s); int8 layers stay torchao's", err)
         return False
     # shapes only, for tracing: x [..., k] -> [..., n]
     torch.library.register_fake("smelt::int8_linear")(

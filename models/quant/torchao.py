@@ -87,7 +87,7 @@ def quantize_int8_wo(model_dir: Path, out_dir: Path) -> dict:
     two can no longer share one tensor once one of them is int8."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
     embeddings = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    with tempfile.TemporaryDirectory(dir=out_dir.parent) as untied:
+    with tempfile.TemporaryDirectory(dir=Path(out_dir).parent) as untied:
         source = model_dir
         if model.config.tie_word_embeddings:
             model.config.tie_word_embeddings = False

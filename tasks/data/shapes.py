@@ -237,7 +237,9 @@ def preference_row(obj: dict) -> Row:
         context = turns(obj, "prompt", "message", "role", "content", CHAT_ROLES,
                         "message {i} has unknown role '{who}' (system, user or assistant)", whole=False)
     else:
-        context = prompt_completion_messages({**obj, "completion": "-"})[:-1]
+        system = text_field(obj, "system", optional=True)
+        context = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text_field(obj, "prompt")}]
     return pair(context, answer(obj, "chosen", "role", "content"), answer(obj, "rejected", "role", "content"))
 
 
