@@ -6,9 +6,12 @@ compiled loop inductor fuses the conversion into the matmul. Two cases where tha
   fp32 per decode step (`python -m bench.kernels` shows it; ATen's `_weight_int8pack_mm` is no
   faster). Every int8 layer uses the kernel there.
 - Several rows (a speculative verify of k + 1 tokens, a small batch), AVX-512 too: inductor's loop
-  converts each weight once per row, so verifying 5 tokens cost ~3x a one-token step (12.2M base:
-  2.3-3.0 vs 0.83-1.09 ms); the kernel widens each weight once for all rows (2.1-2.35 ms). One row stays
-  inductor's: fused with its neighbours and called from the C++ wrapper, it beats an op call.
+  converts each weight once per row, so verifying 5 tokens cost ~3x a one-token step; the kernel
+  widens each weight once for all rows. With AVX-512 VNNI each row of x is also rounded to int16, so
+  products are summed in int32 by `vpdpwssd` (12.2M base, 5-row verify, compiled, interleaved in one
+  process: int16 2.9-3.1 ms, fp32 activations 3.6 ms, inductor's loop through the Python wrapper 4.9-5.0).
+  One row stays inductor's: its fused loop beats the kernel there (1.5 vs 1.8 ms a step).
+  Compiled graphs call the kernel from inductor's C++ wrapper as a C function (`register_c_shim`).
 
 `models/csrc/int8_gemv.cpp` widens 16 int8 at a time in registers (AVX2 or AVX-512 lanes) and reads
 each weight row once for all rows of x (up to 8). It is compiled on first use with the C++ compiler
@@ -51,14 +54,41 @@ def kernel() -> bool:
         return False
     # shapes only, for tracing: x [..., k] -> [..., n]
     torch.library.register_fake("smelt::int8_linear")(
-        lambda x, w, scale, vector_bits=256: x.new_empty(*x.shape[:-1], w.shape[0]))
+        lambda x, w, scale, vector_bits=256, int16_x=False: x.new_empty(*x.shape[:-1], w.shape[0]))
+    register_c_shim()
     return True
 
 
-def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bits: int = 256) -> torch.Tensor:
+C_SHIM = ("AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle scale, "
+          "int64_t vector_bits, int32_t int16_x, AtenTensorHandle* ret0)")
+
+
+def register_c_shim() -> None:
+    """Let inductor's C++ wrapper call the op as a plain C function (`aoti_torch_cpu_int8_linear` in
+    the extension) rather than through its generic proxy for custom ops (~30 us a call, more than the
+    kernel on a small model). The generated code links against the symbol at load time, so the
+    extension is made global in the process first."""
+    import ctypes
+
+    from torch._inductor import config
+
+    library = next(p for p in torch.ops.loaded_libraries if Path(p).name.startswith("smelt_int8_gemv"))
+    ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+    config.aot_inductor.custom_ops_to_c_shims[torch.ops.smelt.int8_linear.default] = [C_SHIM]
+
+
+def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bits: int = 256,
+                int16_x: bool = False) -> torch.Tensor:
     """x [..., k] fp32 @ (qdata [n, k] int8 * scale [n])^T -> [..., n]; one dispatcher call in compiled
-    graphs. `bits`: the kernel's vector width, 256 (AVX2) or 512 (AVX-512; only on such a CPU)."""
-    return torch.ops.smelt.int8_linear(x, qdata, scale, bits)
+    graphs. `bits`: the kernel's vector width, 256 (AVX2) or 512 (AVX-512; only on such a CPU).
+    `int16_x` (AVX-512 VNNI only, `has_vnni`): each row of x rounded to int16 with its own scale,
+    so products sum in int32 (relative error ~1e-4 of the row's largest value)."""
+    return torch.ops.smelt.int8_linear(x, qdata, scale, bits, int16_x)
+
+
+def has_vnni() -> bool:
+    """This CPU has AVX-512 VNNI (and BW), which the int16-activation build needs."""
+    return kernel() and torch.ops.smelt.has_vnni()
 
 
 class Int8Linear(torch.nn.Module):
@@ -69,9 +99,9 @@ class Int8Linear(torch.nn.Module):
     The row count is static in a compiled graph, so each graph holds one of the two."""
 
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int = 256,
-                 fuse_one_row: bool = False):
+                 fuse_one_row: bool = False, int16_x: bool = False):
         super().__init__()
-        self.bits, self.fuse_one_row = bits, fuse_one_row
+        self.bits, self.fuse_one_row, self.int16_x = bits, fuse_one_row, int16_x
         self.in_features, self.out_features = qdata.shape[1], qdata.shape[0]
         self.register_buffer("qdata", qdata.contiguous())
         self.register_buffer("scale", scale.reshape(-1).float().contiguous())
@@ -81,7 +111,7 @@ class Int8Linear(torch.nn.Module):
         if self.fuse_one_row and x.shape[:-1].numel() == 1:
             y = torch.nn.functional.linear(x, self.qdata.to(x.dtype)) * self.scale
         else:
-            y = int8_linear(x, self.qdata, self.scale, self.bits)
+            y = int8_linear(x, self.qdata, self.scale, self.bits, self.int16_x)
         return y if self.bias is None else y + self.bias
 
 
@@ -91,7 +121,7 @@ def per_row_int8(weight) -> bool:
             and getattr(weight, "act_pre_scale", None) is None and list(weight.block_size) == [1, weight.qdata.shape[1]])
 
 
-def swap_int8_linears(model: torch.nn.Module, bits: int = 256, fuse_one_row: bool = False) -> int:
+def swap_int8_linears(model: torch.nn.Module, bits: int = 256, fuse_one_row: bool = False, int16_x: bool = False) -> int:
     """Replace torchao's per-row int8 weight-only linears with `Int8Linear`; returns how many.
     Nothing changes if the kernel cannot be built."""
     if not kernel():
@@ -99,13 +129,16 @@ def swap_int8_linears(model: torch.nn.Module, bits: int = 256, fuse_one_row: boo
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and per_row_int8(m.weight)]
     for name, m in targets:
         parent, _, attr = name.rpartition(".")
-        layer = Int8Linear(m.weight.qdata, m.weight.scale, m.bias, bits, fuse_one_row).to(m.weight.qdata.device)
+        layer = Int8Linear(m.weight.qdata, m.weight.scale, m.bias, bits, fuse_one_row, int16_x).to(m.weight.qdata.device)
         setattr(model.get_submodule(parent) if parent else model, attr, layer)
     return len(targets)
 
 
 def use_kernel(model: torch.nn.Module, device: torch.device) -> int:
     """Where the kernel beats inductor's loop (module docstring): every int8 layer on AVX2, the
-    several-row steps on AVX-512. Returns how many layers were swapped."""
+    several-row steps on AVX-512 (with int16 activations where the CPU has VNNI). Returns how many
+    layers were swapped."""
     bits = vector_bits(device)
-    return 0 if bits is None else swap_int8_linears(model, bits, fuse_one_row=bits == 512)
+    if bits is None:
+        return 0
+    return swap_int8_linears(model, bits, fuse_one_row=bits == 512, int16_x=bits == 512 and has_vnni())

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from models.fastgen import CompiledDecoder
-from models.int8_cpu import Int8Linear, int8_linear, kernel, swap_int8_linears
+from models.int8_cpu import Int8Linear, has_vnni, int8_linear, kernel, swap_int8_linears
 from models.config import QuantConfig
 from models.quant import quantize_model
 
@@ -24,20 +24,42 @@ def widths() -> list[int]:
     return [256, 512] if torch.backends.cpu.get_cpu_capability() == "AVX512" else [256]
 
 
+def builds() -> list[tuple[int, bool]]:
+    """(vector bits, int16 activations) of every build this CPU can run."""
+    return [(bits, False) for bits in widths()] + ([(512, True)] if has_vnni() else [])
+
+
 def test_the_kernel_matches_dequantized_fp32_for_1_to_8_rows_and_more():
     assert kernel()
     torch.manual_seed(0)
     w = torch.randint(-127, 128, (51, 64), dtype=torch.int8)  # 51 rows: not a multiple of the 512 build's tiles
     scale = torch.rand(51) / 100
-    for bits in widths():
-        for rows in (1, 2, 3, 5, 6, 7, 8, 9, 33):  # 9 and 33 go through at::mm
+    for bits, int16_x in builds():
+        # int16 x: each row rounded to 1/32767 of its largest value, so the product's error is ~1e-4 of its scale
+        tol = 2e-4 if int16_x else 1e-4
+        for rows in (1, 2, 3, 5, 6, 7, 8, 9, 33):  # 9 and 33: at::mm, or 8 rows at a time with int16 x
             x = torch.randn(rows, 64)
             reference = x @ (w.float() * scale[:, None]).t()
-            assert torch.allclose(int8_linear(x, w, scale, bits), reference, atol=1e-4, rtol=1e-4), (bits, rows)
+            got = int8_linear(x, w, scale, bits, int16_x)
+            assert (got - reference).abs().max() <= tol * reference.abs().max(), (bits, int16_x, rows)
         x3 = torch.randn(2, 3, 64)  # leading dims kept
-        assert int8_linear(x3, w, scale, bits).shape == (2, 3, 51)
+        assert int8_linear(x3, w, scale, bits, int16_x).shape == (2, 3, 51)
     with pytest.raises(RuntimeError, match="vector_bits"):
         int8_linear(torch.randn(1, 64), w, scale, 128)
+    if not has_vnni():
+        with pytest.raises(RuntimeError, match="VNNI"):
+            int8_linear(torch.randn(1, 64), w, scale, 512, True)
+
+
+def test_int16_activations_do_not_overflow_int32_on_long_rows():
+    """The largest int16 x is lowered with k so that k products of +-127 x it fit int32: a row of
+    2048 maximal values against maximal weights sums to 2048 * 127 * limit, no wrap-around."""
+    if not has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    w = torch.full((16, 2048), 127, dtype=torch.int8)
+    x = torch.full((2, 2048), 3.0)
+    got = int8_linear(x, w, torch.ones(16), 512, True)
+    assert torch.allclose(got, torch.full((2, 16), 3.0 * 127 * 2048), rtol=1e-4)
 
 
 def test_swapped_layers_give_torchaos_logits_and_greedy_tokens_compiled(wide64_model_dir, tmp_path):
@@ -50,19 +72,19 @@ def test_swapped_layers_give_torchaos_logits_and_greedy_tokens_compiled(wide64_m
     prompt = [5, 17, 42, 99, 7, 3]
     b = CompiledDecoder(torchao_model, tok).decode(prompt, 12, None).token_ids
     draft = AutoModelForCausalLM.from_pretrained(wide64_model_dir).eval()  # the unquantized model: any draft will do
-    for bits in widths():
+    for bits, int16_x in builds():
         for fuse_one_row in (False, True):
             swapped = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
-            n = swap_int8_linears(swapped, bits, fuse_one_row)
+            n = swap_int8_linears(swapped, bits, fuse_one_row, int16_x)
             assert n == 2 * 7 + 1 and isinstance(swapped.lm_head, Int8Linear)  # 7 linears per layer, and the head
             with torch.inference_mode():
                 for ids in ([[5]], [[5, 17, 42, 99, 7, 3]]):  # one row (inductor's when fused) and several (the kernel)
                     got, want = swapped(torch.tensor(ids)).logits, torchao_model(torch.tensor(ids)).logits
-                    assert torch.allclose(got, want, atol=1e-4), (bits, fuse_one_row, ids)
+                    assert torch.allclose(got, want, atol=1e-3 if int16_x else 1e-4), (bits, int16_x, fuse_one_row, ids)
             a = CompiledDecoder(swapped, tok).decode(prompt, 12, None).token_ids
-            assert a == b and len(a) == 12, (bits, fuse_one_row)
+            assert a == b and len(a) == 12, (bits, int16_x, fuse_one_row)
             spec = CompiledDecoder(swapped, tok, draft, num_draft_tokens=3).decode(prompt, 12, None)
-            assert spec.token_ids == b and spec.proposed > 0, (bits, fuse_one_row)  # verify steps run the kernel
+            assert spec.token_ids == b and spec.proposed > 0, (bits, int16_x, fuse_one_row)  # verify steps run the kernel
 
 
 LOAD_UNDER_AVX2 = """
