@@ -46,6 +46,15 @@ def within_noise(a: EvalReport, b: EvalReport, speed: str) -> bool:
     return top > 0 and abs(fast_a - fast_b) / top < max(spread_of(a, speed), spread_of(b, speed))
 
 
+def lost_tie_by(r: EvalReport, chosen: EvalReport, metric: str) -> str:
+    """Why a candidate tied on speed with the chosen one lost the tie-break (accuracy, size, median speed)."""
+    if getattr(r, metric) != getattr(chosen, metric):
+        return "less accurate"
+    if (r.weight_bytes or 0) != (chosen.weight_bytes or 0):
+        return "larger"
+    return "as accurate and as large, with a slower median (a rerun could flip this)"
+
+
 def select_candidate(reports: list[EvalReport], base: EvalReport | None, cfg: SelectConfig) -> Selection:
     """The chosen candidate's index (None: none accepted), the accepted ones, and a reason per candidate.
 
@@ -85,7 +94,7 @@ def select_candidate(reports: list[EvalReport], base: EvalReport | None, cfg: Se
             reasons.append(f"chosen: {what} accepted candidate ({said})")
         elif i in accepted:
             best_fast, best_accurate = numbers(reports[chosen])
-            tie = "within timing noise of the chosen, and less accurate or larger; " if i in tied else ""
+            tie = f"within timing noise of the chosen, and {lost_tie_by(r, reports[chosen], metric)}; " if i in tied else ""
             reasons.append(f"accepted, not chosen: {tie}{said} vs the chosen {best_fast:.0f} {speed}, {best_accurate:.1%}")
         else:
             reasons.append("rejected: " + "; ".join(verdicts[i]))

@@ -72,10 +72,20 @@ def test_speeds_within_the_timing_spread_are_a_tie_that_goes_to_accuracy_then_si
                timed("int8-draft", "torchao-int8-dyn", "draft", 0.80, 200, 0.03, 10)]  # ...but within its 8% spread
     sel = select_candidate(reports, BASE, SelectConfig())
     assert sel.chosen == 2, sel.reasons
-    assert "within timing noise" in sel.reasons[2] and "within timing noise of the chosen" in sel.reasons[1]
+    assert "within timing noise" in sel.reasons[2] and "within timing noise of the chosen, and larger" in sel.reasons[1]
     # the same medians measured without noise: the faster one wins outright
     quiet = [r.model_copy(update={"tokens_per_s_spread": 0.01}) for r in reports]
     assert select_candidate(quiet, BASE, SelectConfig()).chosen == 1
     # a tie never overrides accuracy: the more accurate of two tied candidates wins
     reports[1] = reports[1].model_copy(update={"exact_match": 0.81})
     assert select_candidate(reports, BASE, SelectConfig()).chosen == 1
+    assert "within timing noise of the chosen, and less accurate" in select_candidate(reports, BASE, SelectConfig()).reasons[2]
+
+
+def test_a_tie_between_equals_says_the_median_decided_and_could_flip():
+    reports = [timed("fp-plain", "none", "plain", 0.80, 100, 0.02, 40),
+               timed("int8-plain", "torchao-int8-wo", "plain", 0.80, 190, 0.2, 10),
+               timed("int8-draft", "torchao-int8-wo", "draft", 0.80, 200, 0.2, 10)]
+    sel = select_candidate(reports, BASE, SelectConfig())
+    assert sel.chosen == 2
+    assert "as accurate and as large, with a slower median (a rerun could flip this)" in sel.reasons[1]
