@@ -9,9 +9,9 @@ compiled loop inductor fuses the conversion into the matmul. Two cases where tha
   converts each weight once per row, so verifying 5 tokens cost ~3x a one-token step; the kernel
   widens each weight once for all rows. With AVX-512 VNNI each row of x is also rounded to int16, so
   products are summed in int32 by `vpdpwssd` (12.2M base, 5-row verify, compiled, interleaved in one
-  process: int16 2.9-3.1 ms, fp32 activations 3.6 ms, inductor's loop through the Python wrapper 4.9-5.0).
+  process, with a C shim since removed: int16 2.9-3.1 ms, fp32 activations 3.6 ms).
   One row stays inductor's: its fused loop beats the kernel there (1.5 vs 1.8 ms a step).
-  Compiled graphs call the kernel from inductor's C++ wrapper as a C function (`register_c_shim`).
+  Graphs that call the kernel keep inductor's Python wrapper (models/fastgen.py `calls_smelt_ops`).
 
 `models/csrc/int8_gemv.cpp` widens 16 int8 at a time in registers (AVX2 or AVX-512 lanes) and reads
 each weight row once for all rows of x (up to 8). It is compiled on first use with the C++ compiler
@@ -55,26 +55,7 @@ def kernel() -> bool:
     # shapes only, for tracing: x [..., k] -> [..., n]
     torch.library.register_fake("smelt::int8_linear")(
         lambda x, w, scale, vector_bits=256, int16_x=False: x.new_empty(*x.shape[:-1], w.shape[0]))
-    register_c_shim()
     return True
-
-
-C_SHIM = ("AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle scale, "
-          "int64_t vector_bits, int32_t int16_x, AtenTensorHandle* ret0)")
-
-
-def register_c_shim() -> None:
-    """Let inductor's C++ wrapper call the op as a plain C function (`aoti_torch_cpu_int8_linear` in
-    the extension) rather than through its generic proxy for custom ops (~30 us a call, more than the
-    kernel on a small model). The generated code links against the symbol at load time, so the
-    extension is made global in the process first."""
-    import ctypes
-
-    from torch._inductor import config
-
-    library = next(p for p in torch.ops.loaded_libraries if Path(p).name.startswith("smelt_int8_gemv"))
-    ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
-    config.aot_inductor.custom_ops_to_c_shims[torch.ops.smelt.int8_linear.default] = [C_SHIM]
 
 
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bits: int = 256,

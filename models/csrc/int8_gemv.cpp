@@ -5,7 +5,6 @@
 // AVX2 (8 lanes; the file is compiled with -mavx2 -mfma) and AVX-512 (16 lanes, enabled per
 // function, so the library still loads on AVX2-only CPUs; the caller picks by `vector_bits`).
 #include <torch/extension.h>
-#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -211,19 +210,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   auto sizes = x.sizes().vec();
   sizes.back() = w.size(0);
   return y.view(sizes);
-}
-
-// The same op as a C function, for inductor's C++ wrapper: named as its codegen names C shims
-// (aoti_torch_<device>_<op>), it is called directly instead of through the generic proxy executor
-// (~30 us a call). models/int8_cpu.py registers it with inductor.
-extern "C" AOTITorchError aoti_torch_cpu_int8_linear(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle scale,
-                                                     int64_t vector_bits, int32_t int16_x, AtenTensorHandle* ret0) {
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
-    at::Tensor y = int8_linear(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(w),
-                               *tensor_handle_to_tensor_pointer(scale), vector_bits, int16_x != 0);
-    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(y));
-  });
 }
 
 TORCH_LIBRARY(smelt, m) {
