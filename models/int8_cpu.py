@@ -63,7 +63,7 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bits:
     """x [..., k] fp32 @ (qdata [n, k] int8 * scale [n])^T -> [..., n]; one dispatcher call in compiled
     graphs. `bits`: the kernel's vector width, 256 (AVX2) or 512 (AVX-512; only on such a CPU).
     `int16_x` (AVX-512 VNNI only, `has_vnni`): each row of x rounded to int16 with its own scale,
-    so products sum in int32 (relative error ~1e-4 of the row's largest value)."""
+    so products sum in int32 (relative error ~5e-5 of the row's largest value, measured)."""
     return torch.ops.smelt.int8_linear(x, qdata, scale, bits, int16_x)
 
 

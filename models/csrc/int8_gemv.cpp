@@ -191,7 +191,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, i
 }
 
 // smelt::int8_linear: x [..., k] @ (w [n, k] int8 * scale [n])^T -> [..., n]. A dispatcher op, so
-// inductor's C++ wrapper calls it without a Python frame; more than 8 rows go through at::mm.
+// graphs call it as one op; more than 8 rows go 8 at a time with int16_x, else through at::mm.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t vector_bits, bool int16_x) {
   const auto flat = x.reshape({-1, x.size(-1)});
   at::Tensor y;
