@@ -19,14 +19,17 @@ from rich.console import Console
 console = Console(width=160)
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> tuple[int, float, int]:
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> tuple[int, float, int, str]:
+    """(status, seconds, completion tokens, what went wrong: "" on 200)."""
     t0 = time.perf_counter()
     try:
         r = await client.post(url, json=body, headers=headers)
-    except httpx.HTTPError:
-        return 0, time.perf_counter() - t0, 0  # status 0: no answer (timeout, connection refused)
-    tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
-    return r.status_code, time.perf_counter() - t0, tokens
+    except httpx.HTTPError as err:
+        # status 0: no answer (timeout, connection refused)
+        return 0, time.perf_counter() - t0, 0, f"{type(err).__name__}: {err}"
+    if r.status_code != 200:
+        return r.status_code, time.perf_counter() - t0, 0, f"{r.status_code} {r.headers.get('server', '')}: {r.text[:300]}"
+    return 200, time.perf_counter() - t0, r.json().get("usage", {}).get("completion_tokens", 0), ""
 
 
 async def run_load(base_url: str, model: str, prompts: list[str], requests: int, concurrency: int, max_tokens: int,
@@ -47,10 +50,12 @@ async def run_load(base_url: str, model: str, prompts: list[str], requests: int,
     return summarise(results, time.perf_counter() - t0, concurrency)
 
 
-def summarise(results: list[tuple[int, float, int]], seconds: float, concurrency: int) -> dict:
-    latencies = sorted(lat for code, lat, _ in results if code == 200) or [0.0]
-    tokens = sum(t for _, _, t in results)
-    return {"requests": len(results), "concurrency": concurrency, "status": dict(Counter(code for code, _, _ in results)),
+def summarise(results: list[tuple[int, float, int, str]], seconds: float, concurrency: int) -> dict:
+    latencies = sorted(lat for code, lat, _, _ in results if code == 200) or [0.0]
+    tokens = sum(t for _, _, t, _ in results)
+    errors = list(dict.fromkeys(err for _, _, _, err in results if err))[:5]  # distinct, in order seen
+    return {"requests": len(results), "concurrency": concurrency, "status": dict(Counter(code for code, _, _, _ in results)),
+            "errors": errors,
             "p50_s": statistics.median(latencies), "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
             "completion_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0}
 
@@ -73,5 +78,7 @@ def loadtest(
     console.print(f"{stats['requests']} requests at concurrency {concurrency} in {stats['seconds']:.1f} s: status {stats['status']}; "
                   f"p50 {stats['p50_s']:.3f} s, p95 {stats['p95_s']:.3f} s; {stats['completion_tokens']} tokens, "
                   f"{stats['tokens_per_s']:.0f} tokens/s aggregate")
+    for err in stats["errors"]:
+        console.print(f"[red]  {err}[/]", markup=True, highlight=False)
     if any(code >= 500 or code == 0 for code in stats["status"]):
         raise typer.Exit(1)

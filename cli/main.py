@@ -233,8 +233,10 @@ def rollback(
     reason: Optional[str] = typer.Option(None, "--reason", help="Why; recorded on the demoted version."),
     config: str = CONFIG_OPTION,
 ) -> None:
-    """Put the previous champion back as champion (no gate: this is the emergency lever)."""
-    client, _, home = registry_client(config)
+    """Put the previous champion back as champion (no gate: this is the emergency lever). If NAME is
+    deployed (`smelt deploy`), its container is rolled back the same way, without failed requests."""
+    client, cfg, home = registry_client(config)
+    from tasks.deploy import is_deployed
     from tasks.promote import RegistryError
     from tasks.promote import rollback as rollback_model
 
@@ -243,6 +245,47 @@ def rollback(
     except RegistryError as err:
         fail(str(err), 2)
     console.print(f"[green]{name}: champion is v{result.version} again[/green] ({result.reason}).")
+    if is_deployed(home, name):
+        roll_out(name, cfg, home, None)
+
+
+def roll_out(name: str, cfg, home: Path, port: Optional[int]) -> None:
+    from tasks.container import ContainerError
+    from tasks.deploy import deploy_champion, read_state, deploy_dir
+
+    port = port or read_state(deploy_dir(home, name)).get("proxy_port", 3000)
+    try:
+        dep = deploy_champion(name, cfg.registry, home, port)
+    except ContainerError as err:
+        fail(str(err), 2)
+    if not dep.changed:
+        console.print(f"{dep.image_tag} already serves on http://127.0.0.1:{dep.proxy_port}/v1.")
+        return
+    was = f", replacing {dep.replaced} (drained, stopped)" if dep.replaced else ""
+    console.print(f"[green]{dep.image_tag}[/green] serves on http://127.0.0.1:{dep.proxy_port}/v1 "
+                  f"(container {dep.container}, ready in {dep.ready_seconds:.0f} s{was}).")
+
+
+@app.command()
+def rollout(
+    name: Optional[str] = typer.Argument(None, help="Registered model name; default the preset's."),
+    port: Optional[int] = typer.Option(None, help="Port of the proxy on 127.0.0.1 (default 3000, or where NAME runs now)."),
+    stop: bool = typer.Option(False, "--stop", help="Stop NAME's proxy and container instead (images stay)."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Serve the champion's container behind HAProxy on 127.0.0.1:PORT; rerun after a promotion to roll the
+    new champion out with no failed requests (new container ready, proxy switched, old one drained and
+    stopped; its image stays for `smelt rollback`, which rolls back the same way). Builds the image first
+    if needed (`smelt containerize`). SMELT_* serving settings of this shell (SMELT_API_KEY,
+    SMELT_MAX_TOKENS, ...) go to the container."""
+    client, cfg, home = registry_client(config)
+    if stop:
+        from tasks.deploy import undeploy
+
+        undeploy(home, name or cfg.registered_name)
+        console.print(f"{name or cfg.registered_name}: proxy and container stopped.")
+        return
+    roll_out(champion_name(client, name, cfg), cfg, home, port)
 
 
 @app.command()
@@ -258,7 +301,33 @@ def package(
     result = package_champion(name, cfg.registry, home)
     console.print(f"Bento [bold]{result.bento_tag}[/bold] (model {result.model_tag}).\n"
                   f"  Serve it:   uv run smelt serve {name}\n"
-                  f"  Container:  BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {result.bento_tag}  (needs Docker)")
+                  f"  Container:  uv run smelt containerize {name}   then   uv run smelt rollout {name}  (needs Docker)")
+
+
+@app.command()
+def containerize(
+    name: Optional[str] = typer.Argument(None, help="Registered model name; default the preset's."),
+    config: str = CONFIG_OPTION,
+) -> None:
+    """Build the champion's Bento into a Docker image NAME:vVERSION, labelled with its lineage.
+
+    Needs a running Docker daemon. The base image is made here from Debian packages the first time
+    (infra/docker/base-image.sh: root and debootstrap, 1-2 min); no image registry is used. Torch comes
+    from PyTorch's CPU index where reachable (SMELT_TORCH_INDEX to change it), else from PyPI.
+    """
+    client, cfg, home = registry_client(config)
+    from tasks.container import ContainerError
+    from tasks.package import containerize_champion
+
+    name = champion_name(client, name, cfg)
+    try:
+        image = containerize_champion(name, cfg.registry, home)
+    except ContainerError as err:
+        fail(str(err), 2)
+    how = (f"built in {image.build_seconds:.0f} s, {image.size_bytes / 1e9:.2f} GB" if image.built
+           else "reused: same Bento")
+    console.print(f"Image [bold]{image.image_tag}[/bold] ({how}) from Bento {image.bento_tag}.\n"
+                  f"  Run it:  docker run -d --network host -e SMELT_API_KEY=... {image.image_tag} --port 3000")
 
 
 @app.command()

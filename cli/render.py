@@ -142,5 +142,5 @@ def print_summary(result, seconds: float) -> None:
         tag = result.bento.bento_tag
         lines += [f"  Bento:       {tag}  (BENTOML_HOME={home / 'bentoml'})",
                   f"  Serve it:    uv run smelt serve {reg.name}   (OpenAI-compatible API on http://127.0.0.1:3000/v1)",
-                  f"  Container:   BENTOML_HOME={home / 'bentoml'} uv run bentoml containerize {tag}  (needs Docker)"]
+                  f"  Container:   uv run smelt containerize {reg.name}; uv run smelt rollout {reg.name}  (needs Docker)"]
     console.print("\n".join(lines))

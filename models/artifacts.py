@@ -151,12 +151,16 @@ def artifact(parent: Path, name: str, *inputs: Any, code: tuple[str, ...], suffi
     return Artifact(Path(parent) / f"{f'{name}-' if name else ''}{key}{suffix}")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file, then rename)."""
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file atomically (temp file, then rename): readers see the old or the new text, never half."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + f".tmp-{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def read_json(path: Path) -> Any:

@@ -14,4 +14,6 @@ class ServeConfig(EngineConfig, SmeltSettings):
     max_tokens: int = Field(512, ge=1, description="SMELT_MAX_TOKENS: the most new tokens one request may ask for.")
     api_key: SecretStr | None = Field(None, description="SMELT_API_KEY: if set, requests need `Authorization: Bearer <key>`.")
     model_id: str | None = Field(None, description="SMELT_MODEL_ID: the model name clients send; default the registered name.")
+    model_version: str | None = Field(None, description="SMELT_MODEL_VERSION: the MLflow version listed by /v1/models; "
+                                                        "default the Bento model's label.")
     device: str = Field("auto", description="SMELT_DEVICE: auto, cpu or cuda.")

@@ -111,7 +111,9 @@ def create_app() -> FastAPI:
     async def list_models(request: Request) -> dict:
         engine = engine_of(request)
         check_auth(request, engine)
-        return {"object": "list", "data": [{"id": engine.cfg.model_id, "object": "model", "created": now(), "owned_by": "smelt"}]}
+        # `version`: the MLflow model version served, so a rollout can be checked from outside.
+        return {"object": "list", "data": [{"id": engine.cfg.model_id, "object": "model", "created": now(), "owned_by": "smelt",
+                                            "version": engine.cfg.model_version}]}
 
     @app.post("/completions")
     async def completions(body: CompletionRequest, request: Request):

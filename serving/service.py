@@ -46,6 +46,7 @@ class SmeltService:
         cfg = ServeConfig()  # SMELT_* variables (models/settings.py: SmeltSettings)
         labels = self.model_ref.info.labels
         cfg.model_id = cfg.model_id or labels.get("registered_model") or self.model_ref.tag.name
+        cfg.model_version = cfg.model_version or labels.get("mlflow_version")
         self.candidate = load_candidate(Path(self.model_ref.path), resolve_device(cfg.device))
         # Compile and allocate before /readyz says yes, on the engine's thread: a compiled candidate's
         # graphs decode at full speed only in the thread that compiled them (models/fastgen.py).

@@ -22,13 +22,15 @@ from models.candidate import RECIPE, Recipe
 from models.settings import BENTO_MODEL_FILE, REPO_ROOT
 from tasks.caching import STAGE_CACHE
 from tasks.config import RegistryConfig
+from tasks.container import base_image_tag, torch_index
 from tasks.register import download_candidate
-from tasks.results import BentoRef
+from tasks.results import BentoRef, ContainerImage
 from tasks.tracking import use_tracking
 
 BENTO_SOURCES = ("serving", "models")
 BENTO_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "accelerate", "bentoml", "pydantic",
-                  "pydantic-settings", "fastapi", "prometheus-client"]
+                  "pydantic-settings", "fastapi", "prometheus-client",
+                  "ninja"]  # ninja: torch builds smelt's int8 kernel (models/csrc) with it at load time
 
 
 def bento_model_name(registered: str) -> str:
@@ -62,14 +64,24 @@ def import_champion(registered: str, client: MlflowClient) -> str:
     return str(model.tag)
 
 
+def bento_labels(model_tag: str) -> dict[str, str]:
+    return {"model": model_tag.replace(":", "-"), "source": code_digest(BENTO_SOURCES),
+            "base_image": base_image_tag().split(":")[1]}
+
+
 def bentofile(model_tag: str) -> dict:
+    python = {"packages": [f"{p}=={pkg_version(p)}" for p in BENTO_PACKAGES], "lock_packages": False}
+    if index := torch_index():  # CPU torch wheels where reachable (no CUDA libraries in a CPU image)
+        python["extra_index_url"] = [index]
     return {
         "service": "serving.service:SmeltService",
         "name": "smelt",
-        "labels": {"model": model_tag.replace(":", "-"), "source": code_digest(BENTO_SOURCES)},
+        "labels": bento_labels(model_tag),
         "include": ["serving/**/*.py", str(BENTO_MODEL_FILE), "models/**/*.py", "models/csrc/*.cpp"],
         "exclude": ["**/__pycache__"],
-        "python": {"packages": [f"{p}=={pkg_version(p)}" for p in BENTO_PACKAGES], "lock_packages": False},
+        "python": python,
+        # Made here from Debian packages (tasks/container.py): no image registry is needed to containerize.
+        "docker": {"base_image": base_image_tag()},
     }
 
 
@@ -109,7 +121,7 @@ def find_bento(model_tag: str) -> str | None:
         bentos = bentoml.list("smelt")
     except bentoml.exceptions.NotFound:
         return None
-    want = {"model": model_tag.replace(":", "-"), "source": code_digest(BENTO_SOURCES)}  # same model, same code
+    want = bento_labels(model_tag)  # same model, same code, same base image
     hits = [b for b in bentos if all(b.info.labels.get(k) == v for k, v in want.items())]
     return str(max(hits, key=lambda b: b.info.creation_time).tag) if hits else None
 
@@ -118,3 +130,21 @@ def find_bento(model_tag: str) -> str | None:
 def package_task(registered: str, champion_version: str | None, registry: RegistryConfig, home: str) -> BentoRef:
     # champion_version is part of the cache key: a new champion means a new Bento.
     return package_champion(registered, registry, Path(home))
+
+
+def containerize_champion(registered: str, registry: RegistryConfig, home: Path) -> ContainerImage:
+    """The champion's Bento as a Docker image `<name>:v<mlflow version>`, labelled with its lineage; an
+    image of that tag from the same Bento is reused."""
+    from tasks.container import containerize, image_exists, image_labels, image_tag_for
+
+    client = use_tracking(registry, home)
+    champ = client.get_model_version_by_alias(registered, "champion")
+    bento = package_champion(registered, registry, home)
+    tag = image_tag_for(registered, champ.version)
+    if image_exists(tag) and image_labels(tag).get("smelt.bento") == bento.bento_tag:
+        return ContainerImage(image_tag=tag, bento_tag=bento.bento_tag, mlflow_version=str(champ.version), built=False)
+    lineage = {k: champ.tags.get(f"smelt.{k}", "") for k in ("dataset_version", "config_hash", "git_commit", "quant_method", "strategy")}
+    image = containerize(bento.bento_tag, tag, {"registered_model": registered, "mlflow_version": str(champ.version),
+                                               "bento": bento.bento_tag, **lineage})
+    return ContainerImage(image_tag=tag, bento_tag=bento.bento_tag, mlflow_version=str(champ.version), built=True,
+                          size_bytes=image.size_bytes, build_seconds=round(image.build_seconds, 1))

@@ -184,6 +184,29 @@ class BentoRef(Result):
     bento_tag: str
 
 
+class ContainerImage(Result):
+    """The champion's Bento as a Docker image (`smelt containerize`)."""
+
+    image_tag: str
+    bento_tag: str
+    mlflow_version: str
+    built: bool  # False: an image of this tag from the same Bento was reused
+    size_bytes: int | None = None
+    build_seconds: float | None = None
+
+
+class Deployment(Result):
+    """`smelt deploy`: which image serves behind the proxy on 127.0.0.1:proxy_port, and what it replaced."""
+
+    proxy_port: int
+    image_tag: str
+    mlflow_version: str
+    container: str
+    replaced: str | None  # the container that served before, stopped after draining
+    ready_seconds: float  # from container start to its /readyz
+    changed: bool  # False: this image already served there
+
+
 class EtlResult(Result):
     """`smelt data ingest` / the smelt-etl flow: the dataset version, its counts and its MLflow run."""
 

@@ -17,3 +17,29 @@ def smelt_env(home, **overrides) -> dict:
     for var in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME", "PREFECT_API_URL"):
         env.pop(var, None)
     return {**env, **overrides}
+
+
+def ensure_docker() -> None:
+    """A Docker daemon for container tests: the running one, or dockerd started here (root) on the
+    loopback only (no bridge, no iptables; containers use host networking). Skips, naming the install
+    command, where Docker is not installed (.ci/run installs it)."""
+    import shutil
+    import subprocess
+    import time
+
+    import pytest
+
+    def answers() -> bool:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+
+    if shutil.which("docker") and answers():
+        return
+    if shutil.which("dockerd") is None or os.geteuid() != 0:
+        pytest.skip("no Docker daemon: `apt-get install -y docker.io debootstrap haproxy` as root (.ci/run does)")
+    log = open("/tmp/smelt-dockerd.log", "ab")
+    subprocess.Popen(["dockerd", "--bridge=none", "--iptables=false", "--ip6tables=false"], stdout=log, stderr=log,
+                     start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not answers():
+        assert time.monotonic() < deadline, "dockerd did not answer in 60 s; see /tmp/smelt-dockerd.log"
+        time.sleep(1)

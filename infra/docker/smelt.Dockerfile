@@ -1,6 +1,7 @@
-# The smelt code and its locked environment, for the Prefect worker (flows run in this image).
-FROM python:3.11-slim
-RUN pip install --no-cache-dir uv
+# The smelt code and its locked environment, on smelt's local base image (Debian + Python 3.11 + uv;
+# `bash infra/docker/base-image.sh smelt-base:latest`): the Prefect worker runs flows in it, and the
+# stack's Prefect and MLflow servers run from it too (prefect, mlflow, asyncpg and psycopg2 are locked deps).
+FROM smelt-base:latest
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
 COPY cli cli
@@ -11,5 +12,6 @@ COPY serving serving
 COPY bench bench
 COPY infra/configs infra/configs
 COPY data data
-RUN uv sync --frozen --no-dev && uv pip install "prefect-kubernetes>=0.6"
+# psycopg2 (a dev dependency of the project, for its PostgreSQL tests) is what the stack's MLflow server needs.
+RUN uv sync --frozen --no-dev --no-cache && uv pip install --no-cache "prefect-kubernetes>=0.6" "psycopg2-binary==2.9.13"
 ENV PATH="/app/.venv/bin:$PATH"

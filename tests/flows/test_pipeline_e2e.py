@@ -363,3 +363,120 @@ def test_smelt_package_reuses_the_bento_for_the_same_champion_and_code(first_run
     proc = smelt_cli(home, "package", "-c", "micro-cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert tag in proc.stdout
+
+
+# --- The champion as a container, rolled out behind HAProxy (tasks/container.py, tasks/deploy.py) ---
+
+def champion_version(home) -> str:
+    return in_subprocess(home, """
+from mlflow.tracking import MlflowClient
+print(MlflowClient().get_model_version_by_alias('smelt-micro-embedded', 'champion').version)
+""")
+
+
+def version_report(home, version: str) -> dict:
+    return json.loads(in_subprocess(home, f"""
+import json, pathlib, mlflow
+local = pathlib.Path(mlflow.artifacts.download_artifacts('models:/smelt-micro-embedded/{version}'))
+print(json.dumps(json.loads(next(local.rglob('eval_report.json')).read_text())))
+"""))
+
+
+def greedy_answers(url: str, prompts: list[str], key: str) -> list[str]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    return [client.chat.completions.create(model="smelt-micro-embedded", temperature=0,
+                                           messages=[{"role": "user", "content": p}]).choices[0].message.content
+            for p in prompts]
+
+
+def served_version(url: str, key: str) -> str:
+    import httpx
+
+    return httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()["data"][0]["version"]
+
+
+@pytest.fixture(scope="module")
+def rolled_out(first_run):
+    """`smelt rollout` of the micro champion: its image built (base image made here if missing), run
+    with host networking behind HAProxy on a 127.0.0.1 port."""
+    from tests.helpers import ensure_docker
+
+    ensure_docker()
+    home, _, _ = first_run
+    port = free_port()
+    env = {"SMELT_API_KEY": "e2e-key"}
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "rollout", "-c", "micro-cpu", "--port", str(port)],
+                          env=smelt_env(home, **env), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout[-600:])
+    try:
+        yield f"http://127.0.0.1:{port}", home, env
+    finally:
+        subprocess.run([sys.executable, "-m", "cli.main", "rollout", "-c", "micro-cpu", "--stop"],
+                       env=smelt_env(home, **env), capture_output=True, text=True, timeout=120)
+
+
+def test_container_answers_like_smelt_serve_and_is_labelled_with_its_lineage(served, rolled_out):
+    import httpx
+
+    url, home, _ = rolled_out
+    version = champion_version(home)
+    assert served_version(url, "e2e-key") == version
+    report = version_report(home, version)
+    prompts = [ex["prompt"] for ex in report["examples"]]
+    in_container = greedy_answers(url, prompts, "e2e-key")
+    assert in_container == greedy_answers(served[0], prompts, "e2e-key")  # the same artifact as `smelt serve`
+    assert in_container == [ex["output"] for ex in report["examples"]]  # and as evaluation
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401  # the key came from the environment
+    assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
+    assert "smelt_generated_tokens_total" in httpx.get(f"{url}/metrics", timeout=10).text
+    labels = json.loads(subprocess.run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}",
+                                        f"smelt-micro-embedded:v{version}"], capture_output=True, text=True).stdout)
+    assert labels["smelt.mlflow_version"] == version
+    assert len(labels["smelt.dataset_version"]) >= 8 and len(labels["smelt.config_hash"]) >= 8 and labels["smelt.git_commit"]
+
+
+def switch_under_load(url: str, home, env: dict, *cli_args: str) -> dict:
+    """Run `smelt <cli_args>` while clients keep 8 requests in flight through the proxy; every answer's status."""
+    import asyncio
+
+    from bench.loadtest import run_load
+
+    log = open(home / f"switch-{cli_args[0]}.log", "w+")  # a file, not a pipe: a long build log cannot block it
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *cli_args, "-c", "micro-cpu"], env=smelt_env(home, **env),
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    status, errors, sent, deadline = {}, [], 0, time.monotonic() + 900
+    prompts = ["Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups on Monday.", "Ana from Lima"]
+    while proc.poll() is None or sent < 200:  # bounded: at most ~900 s and 40 requests a round
+        assert time.monotonic() < deadline, "the switch did not finish in 900 s"
+        stats = asyncio.run(run_load(f"{url}/v1", "smelt-micro-embedded", prompts, requests=40, concurrency=8,
+                                     max_tokens=8, api_key="e2e-key", deadline_s=300))
+        sent += stats["requests"]
+        for code, n in stats["status"].items():
+            status[code] = status.get(code, 0) + n
+        errors += stats["errors"]
+    log.seek(0)
+    assert proc.returncode == 0, log.read()[-3000:]
+    if errors:
+        status["errors"] = errors[:5]
+    return status
+
+
+def test_rollout_of_a_new_champion_and_rollback_fail_no_request(rolled_out):
+    url, home, env = rolled_out
+    before = champion_version(home)
+    other = next(v for v in ("1", "2", "3", "4") if v != before)
+    promoted = smelt_cli(home, "promote", "smelt-micro-embedded", other, "--force", "--reason", "rollout test", "-c", "micro-cpu")
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+
+    status = switch_under_load(url, home, env, "rollout")
+    assert set(status) == {200} and status[200] >= 200, status
+    assert served_version(url, "e2e-key") == other
+    report = version_report(home, other)
+    assert greedy_answers(url, [ex["prompt"] for ex in report["examples"]], "e2e-key") == [ex["output"] for ex in report["examples"]]
+
+    status = switch_under_load(url, home, env, "rollback", "smelt-micro-embedded", "--reason", "rollout test")
+    assert set(status) == {200} and status[200] >= 200, status
+    assert served_version(url, "e2e-key") == before

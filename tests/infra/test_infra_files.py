@@ -1,5 +1,6 @@
-"""No Docker daemon or cluster here: the compose file and Kubernetes manifests are checked by parsing
-them and cross-checking that services, ports, credentials and variables line up."""
+"""The compose file and Kubernetes manifests, checked by parsing them and cross-checking that services,
+ports, credentials and variables line up (fast; the stack itself is brought up by
+tests/infra/test_compose_stack.py, marked slow)."""
 import json
 import re
 from urllib.parse import urlparse
@@ -26,15 +27,23 @@ def env_of(service: dict) -> dict:
     return {k: resolve(str(v)) for k, v in (service.get("environment") or {}).items()}
 
 
-def test_compose_has_the_whole_stack_on_localhost_ports():
+def test_compose_has_the_whole_stack_on_the_hosts_loopback_from_local_images():
     services = compose()["services"]
-    assert {"postgres", "minio", "minio-bucket", "prefect-server", "mlflow", "worker", "bento"} <= set(services)
+    assert {"postgres", "prefect-server", "mlflow", "worker", "bento"} <= set(services)
     for name, svc in services.items():
-        for port in svc.get("ports", []):
-            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond localhost"
+        assert svc["network_mode"] == "host" and "ports" not in svc, name  # each binds its own 127.0.0.1 port
         build = svc.get("build")
         if build:
-            assert (INFRA / build["context"] / build["dockerfile"]).is_file(), name
+            dockerfile = (INFRA / build["context"] / build["dockerfile"]).read_text()
+            assert re.search(r"^FROM smelt-base:latest$", dockerfile, re.M), name  # made here, no registry
+        elif "minio" not in svc.get("profiles", []):
+            assert svc.get("profiles") == ["bento"], f"{name} needs a registry image outside an optional profile"
+    listens = [resolve(" ".join(svc["command"]) if isinstance(svc.get("command"), list) else svc.get("command", ""))
+               for svc in services.values()]
+    for command in listens:
+        for host in re.findall(r"--(?:host|address|console-address) (\S+)", command):
+            assert host.startswith("127.0.0.1"), command
+    assert "listen_addresses=127.0.0.1" in (INFRA / "docker" / "postgres-entrypoint.sh").read_text()
     declared = set(compose()["volumes"])
     for svc in services.values():
         for volume in svc.get("volumes", []):
@@ -48,21 +57,19 @@ def test_databases_and_credentials_line_up():
     prefect_db = urlparse(env_of(services["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"])
     mlflow_cmd = resolve(services["mlflow"]["command"])
     mlflow_db = urlparse(re.search(r"--backend-store-uri (\S+)", mlflow_cmd).group(1))
-    # the drivers each server's image has: asyncpg ships with Prefect, psycopg2 is installed for MLflow
+    # the drivers the project image has: asyncpg comes with Prefect, psycopg2-binary is a locked dependency
     assert (prefect_db.scheme, mlflow_db.scheme) == ("postgresql+asyncpg", "postgresql+psycopg2")
     for url in (prefect_db, mlflow_db):
-        assert (url.hostname, url.port, url.username, url.password) == ("postgres", 5432, pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"])
-    assert prefect_db.path == f"/{pg['POSTGRES_DB']}"
-    assert f"CREATE DATABASE {mlflow_db.path.lstrip('/')};" in (INFRA / "docker" / "postgres-init.sql").read_text()
+        assert (url.hostname, url.port, url.username, url.password) == ("127.0.0.1", int(pg["POSTGRES_PORT"]),
+                                                                       pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"])
+    assert {prefect_db.path.lstrip("/"), mlflow_db.path.lstrip("/")} == set(pg["POSTGRES_DBS"].split())
 
 
-def test_mlflow_artifacts_go_to_the_minio_bucket_that_is_created():
-    services = compose()["services"]
-    minio, mlflow = env_of(services["minio"]), env_of(services["mlflow"])
-    assert urlparse(mlflow["MLFLOW_S3_ENDPOINT_URL"]).hostname == "minio"
-    assert (mlflow["AWS_ACCESS_KEY_ID"], mlflow["AWS_SECRET_ACCESS_KEY"]) == (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"])
-    bucket = re.search(r"--artifacts-destination s3://([\w-]+)/", services["mlflow"]["command"]).group(1)
-    assert f"smelt/{bucket}" in resolve(" ".join(services["minio-bucket"]["command"]))
+def test_mlflow_serves_artifacts_from_a_declared_volume():
+    mlflow = compose()["services"]["mlflow"]
+    dest = re.search(r"--artifacts-destination (\S+)", mlflow["command"]).group(1)
+    assert "--serve-artifacts" in mlflow["command"]
+    assert any(v.split(":")[1] == dest and v.split(":")[0] in compose()["volumes"] for v in mlflow["volumes"])
 
 
 def test_worker_and_clients_point_at_the_servers_compose_runs():
@@ -70,9 +77,9 @@ def test_worker_and_clients_point_at_the_servers_compose_runs():
     services = spec["services"]
     worker_env = {**{k: resolve(str(v)) for k, v in spec["x-smelt-env"].items()}, **env_of(services["worker"])}
     api = urlparse(worker_env["PREFECT_API_URL"])
-    assert api.hostname == "prefect-server" and f"--port {api.port}" in services["prefect-server"]["command"]
+    assert api.hostname == "127.0.0.1" and f"--port {api.port}" in resolve(services["prefect-server"]["command"])
     tracking = urlparse(worker_env["MLFLOW_TRACKING_URI"])
-    assert tracking.hostname == "mlflow" and f"--port {tracking.port}" in services["mlflow"]["command"]
+    assert tracking.hostname == "127.0.0.1" and f"--port {tracking.port}" in resolve(services["mlflow"]["command"])
     assert f"--pool {worker_env['SMELT_WORK_POOL']}" in services["worker"]["command"]
     assert worker_env["SMELT_WORK_POOL"] == load_settings().work_pool
     for key in env_of(services["bento"]):
