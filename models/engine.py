@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -75,6 +76,12 @@ class Engine:
         self.outstanding = 0
         self.greedy_draft_requests = 0
         self.closed = False
+        # Request threads count tokens on a copy: a fast tokenizer's padding setting is state on the shared
+        # Rust object, so an unpadded call from another thread can switch padding off between the engine
+        # thread's `enable_padding` and its batch encode (seen: HTTP 500s "Unable to create tensor" under
+        # load when a batch held prompts of different lengths).
+        self.counting_tokenizer = copy.deepcopy(candidate.tokenizer)
+        self.counting_lock = threading.Lock()
         self.thread = threading.Thread(target=self.serve_forever, name="smelt-engine", daemon=True)
         self.thread.start()
 
@@ -86,7 +93,9 @@ class Engine:
         self.thread.join()
 
     def prompt_tokens(self, prompt_text: str) -> int:
-        return len(self.candidate.tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        """Tokens of a rendered prompt, counted from any thread but the engine's."""
+        with self.counting_lock:
+            return len(self.counting_tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
 
     def submit(self, prompt_text: str, params: SamplingParams, stream: bool = False) -> Job:
         """Queue one request; raises Busy when the queue is full."""

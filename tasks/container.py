@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from models.settings import REPO_ROOT
 
@@ -195,6 +196,13 @@ def container_running(name: str) -> bool:
 def logs(container: str, tail: int = 40) -> str:
     proc = docker("logs", "--tail", str(tail), container, check=False)
     return (proc.stdout + proc.stderr)[-4000:]
+
+
+def save_logs(container: str, path: Path) -> None:
+    """The container's whole log (stdout and stderr, timestamped) written to `path`, for after it is gone."""
+    proc = docker("logs", "--timestamps", container, check=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(proc.stdout + proc.stderr)
 
 
 def stop_container(name: str) -> None:

@@ -9,7 +9,7 @@ connections to the proxy stay open. (nginx was tried first: its graceful reload 
 keep-alive connections, and a client that sends on one at that instant gets "connection closed
 without response": 1 in 6 reloads under 8 persistent clients.) When the old slot has no session left
 it goes to maintenance and its container is stopped. Old images stay for `smelt rollback`. The state
-of a deployment lives under SMELT_HOME/deploy/<name>/.
+of a deployment lives under SMELT_HOME/deploy/<name>/, with the logs of every container it stopped in logs/.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from models.artifacts import atomic_write_text, write_json
 from tasks.config import RegistryConfig
-from tasks.container import ContainerError, container_running, docker, run_container, stop_container, wait_ready
+from tasks.container import ContainerError, container_running, docker, run_container, save_logs, stop_container, wait_ready
 from tasks.package import containerize_champion
 from tasks.results import Deployment
 
@@ -43,6 +43,11 @@ defaults
     timeout client 600s
     timeout server 600s
     timeout http-keep-alive 60s
+    # A request the server closed on without any answer (a container stopping) is sent again, to the
+    # other slot if need be; an answer, even an error, is never repeated.
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response
 frontend smelt
     bind 127.0.0.1:{port}
     default_backend champion
@@ -167,6 +172,7 @@ def deploy_champion(registered: str, registry: RegistryConfig, home: Path, proxy
     active = switch_traffic(folder, proxy_port, state, port, image.mlflow_version, drain_timeout)
     if old and old["container"] != name:
         docker("stop", "-t", "30", old["container"], check=False)  # SIGTERM: the server finishes what it holds
+        save_logs(old["container"], folder / "logs" / f"{old['container']}.log")
         stop_container(old["container"])
     slots = {**state.get("slots", {}), active: port}
     state = {"proxy_port": proxy_port, "slots": slots,
@@ -213,6 +219,7 @@ def undeploy(home: Path, registered: str) -> None:
     if pid := haproxy_pid(folder):
         os.kill(pid, signal.SIGUSR1)  # soft stop: finishes what it holds
     if state.get("active"):
+        save_logs(state["active"]["container"], folder / "logs" / f"{state['active']['container']}.log")
         stop_container(state["active"]["container"])
     if (folder / "state.json").exists():
         (folder / "state.json").unlink()

@@ -459,9 +459,19 @@ def switch_under_load(url: str, home, env: dict, *cli_args: str) -> dict:
         errors += stats["errors"]
     log.seek(0)
     assert proc.returncode == 0, log.read()[-3000:]
-    if errors:
+    if errors:  # what the clients got, and what the containers logged about it
         status["errors"] = errors[:5]
+        for saved in sorted((home / "deploy").glob("*/logs/*.log")):
+            lines = saved.read_text().splitlines()
+            status[saved.name] = [ln for ln in lines if "rror" in ln or "Traceback" in ln or "raise" in ln][-20:]
+        status["active"] = subprocess.run(["docker", "logs", "--tail", "60", *active_containers()],
+                                          capture_output=True, text=True).stderr[-4000:]
     return status
+
+
+def active_containers() -> list[str]:
+    names = subprocess.run(["docker", "ps", "--format", "{{.Names}}"], capture_output=True, text=True).stdout.split()
+    return [n for n in names if n.startswith("smelt-micro-embedded-")][:1]
 
 
 def test_rollout_of_a_new_champion_and_rollback_fail_no_request(rolled_out):

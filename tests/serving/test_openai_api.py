@@ -211,3 +211,20 @@ def test_busy_is_raised_past_the_queue_limit(candidates):
         engine.submit("c", SamplingParams(2))
     first.future.result(timeout=60)
     threading.Event().wait(0.1)
+
+
+def test_counting_tokens_on_a_request_thread_leaves_the_engine_threads_padding_alone(candidates):
+    """A fast tokenizer keeps its padding setting on the shared Rust object: if a request thread's unpadded
+    call ran on the engine's tokenizer, it could switch padding off in the middle of the engine thread's
+    padded batch encode (HTTP 500 "Unable to create tensor" under load, seen in a rollout test)."""
+    cand = candidates["plain"]
+    engine = Engine(cand, ServeConfig(model_id="tiny"), None)
+    backend = cand.tokenizer.backend_tokenizer
+    backend.enable_padding(pad_id=cand.tokenizer.pad_token_id, pad_token=cand.tokenizer.pad_token, direction="left")
+    try:
+        counted = engine.prompt_tokens(render_prompt(cand.tokenizer, PROMPT))
+        assert backend.padding is not None  # what the engine thread set is still set
+        assert counted == len(cand.tokenizer(render_prompt(cand.tokenizer, PROMPT), add_special_tokens=False)["input_ids"])
+    finally:
+        backend.no_padding()
+        engine.close()
