@@ -94,7 +94,8 @@ def train_cmd(
     except DataError as err:
         fail(f"smelt train: {err}", 2)
     draft = read_json(Path(result.draft) / "train.json") if result.draft else None
-    print_train_result(result, read_json(Path(result.finetuned) / "train.json"), draft)
+    preferred = read_json(Path(result.preferred) / "train.json") if result.preferred else None
+    print_train_result(result, read_json(Path(result.finetuned) / "train.json"), draft, preferred)
 
 
 @embedded_app.command("build")

@@ -1,6 +1,8 @@
-"""Regenerate data/orders.jsonl, the embedded default's task: extract an order's fields as JSON.
+"""Regenerate data/orders.jsonl, the embedded default's task: extract an order's fields as JSON, and
+data/orders-preference.jsonl, preference pairs for the same task (prompt, chosen = the right JSON,
+rejected = a near miss: one wrong field, a missing field, or JSON that does not parse).
 
-Deterministic (seeded), so the shipped file can be checked: `python data/generate_orders.py`.
+Deterministic (seeded), so the shipped files can be checked: `python data/generate_orders.py`.
 Scored by exact match of the JSON and by field-level accuracy.
 """
 import json
@@ -38,7 +40,33 @@ def make_rows(n: int, seed: int = 1234) -> list[dict]:
     return rows
 
 
+def near_miss(fields: dict, rng: random.Random) -> str:
+    """An answer a model could plausibly give that is wrong: one field changed, one dropped, or broken JSON."""
+    kind = rng.choice(["wrong-field", "wrong-field", "missing-field", "invalid-json"])
+    wrong = dict(fields)
+    if kind == "wrong-field":
+        key = rng.choice(list(fields))
+        pool = {"name": NAMES, "city": CITIES, "item": ITEMS, "day": DAYS}.get(key)
+        wrong[key] = rng.choice([v for v in pool if v != fields[key]]) if pool else fields[key] + rng.choice([-1, 1, 10])
+        return json.dumps(wrong)
+    if kind == "missing-field":
+        del wrong[rng.choice(list(fields))]
+        return json.dumps(wrong)
+    text = json.dumps(fields)
+    return rng.choice([text[:-1], text.replace('"', "'"), text.replace(", ", " ", 1)])
+
+
+def make_pairs(n: int, seed: int = 5678) -> list[dict]:
+    rng = random.Random(seed)
+    pairs = []
+    for row in make_rows(n, seed):
+        fields = json.loads(row["completion"])
+        pairs.append({"prompt": row["prompt"], "chosen": row["completion"], "rejected": near_miss(fields, rng)})
+    return pairs
+
+
 if __name__ == "__main__":
-    out = Path(__file__).with_name("orders.jsonl")
-    out.write_text("".join(json.dumps(r) + "\n" for r in make_rows(3000)))
-    print(f"wrote {out}")
+    for name, records in (("orders.jsonl", make_rows(3000)), ("orders-preference.jsonl", make_pairs(600))):
+        out = Path(__file__).with_name(name)
+        out.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {out}")

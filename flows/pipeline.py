@@ -1,4 +1,5 @@
-"""The pipeline flow: etl -> train -> quantize -> evaluate -> register -> package. Wiring only."""
+"""The pipeline flow: etl -> train (SFT, then DPO/ORPO if configured) -> quantize -> evaluate -> register ->
+package. Wiring only."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from tasks.report import log_dataset_task, report_data_task, report_results_task
 from tasks.results import EtlResult, PipelineResult, TrainResult
 from tasks.select import select_task
 from tasks.tracking import close_run_task, fail_flow_runs, open_run_task, open_stage_run_task, track_stages_task
-from tasks.train import finetune_task, prepare_models_task, train_draft_task
+from tasks.train import finetune_task, preference_task, prepare_models_task, train_draft_task
 
 
 def mark_tracking_failed(flow, flow_run, state) -> None:
@@ -34,14 +35,15 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     run = open_run_task(config, dataset, home)
     log_dataset_task(config, run, dataset, home)
     base, draft_init = prepare_models_task(config.model, home, config.train.device)
-    live = {stage: open_stage_run_task(run, config, home, stage) for stage in ("train", "draft")}
+    live = {stage: open_stage_run_task(run, config, home, stage) for stage in config.train.stages()}
     finetuned = finetune_task(base, dataset, config.train, config.model, home, live["train"])
-    draft = train_draft_task(finetuned, draft_init, dataset, config.train, home, live["draft"])
-    quantized = quantize_task(finetuned, dataset, config.quant, home, config.train.device)
-    track_stages_task(run, config, home, dataset, finetuned, draft, quantized, live)
+    tuned = preference_task(finetuned, dataset, config.train, home, live.get("preference"))
+    draft = train_draft_task(tuned, draft_init, dataset, config.train, home, live["draft"])
+    quantized = quantize_task(tuned, dataset, config.quant, home, config.train.device)
+    track_stages_task(run, config, home, dataset, finetuned, draft, quantized, live, tuned)
     candidates = build_candidates_task(quantized, draft, config.decode, home)
     reports = evaluate_task(candidates, dataset, config.eval, home)
-    base_report = evaluate_base_task(build_reference_task(base, finetuned, config.decode, home), dataset, config.eval, home)
+    base_report = evaluate_base_task(build_reference_task(base, tuned, config.decode, home), dataset, config.eval, home)
     selection = select_task(reports, base_report, config.select)
     registry = register_task(config, dataset, reports, selection, run, home)
     ship = config.package.build_bento and registry.champion is not None
@@ -96,12 +98,14 @@ def train(config: PipelineConfig = PipelineConfig()) -> TrainResult:
     dataset = ingest(config, home)
     run = open_run_task(config, dataset, home)
     base, draft_init = prepare_models_task(config.model, home, config.train.device)
-    live = {stage: open_stage_run_task(run, config, home, stage) for stage in ("train", "draft")}
+    live = {stage: open_stage_run_task(run, config, home, stage) for stage in config.train.stages()}
     finetuned = finetune_task(base, dataset, config.train, config.model, home, live["train"])
-    draft = train_draft_task(finetuned, draft_init, dataset, config.train, home, live["draft"])
-    track_stages_task(run, config, home, dataset, finetuned, draft, {}, live)
+    tuned = preference_task(finetuned, dataset, config.train, home, live.get("preference"))
+    draft = train_draft_task(tuned, draft_init, dataset, config.train, home, live["draft"])
+    track_stages_task(run, config, home, dataset, finetuned, draft, {}, live, tuned)
     close_run_task(run, config, home, None, None)
     return TrainResult(dataset=dataset.version, counts=dataset.counts, finetuned=str(finetuned),
+                       preferred=None if tuned == finetuned else str(tuned),
                        draft=None if draft is None else str(draft), mlflow_run_id=run)
 
 

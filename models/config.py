@@ -135,6 +135,23 @@ class QLoraConfig(StrictModel):
         "auto", description="Dtype of the 4-bit matmuls; auto: bfloat16 on a GPU, float32 on the CPU.")
 
 
+class PreferenceConfig(StrictModel):
+    """Preference tuning after SFT on the dataset's preference pairs (rows with a rejected answer), with
+    TRL's trainers over a LoRA adapter on the fine-tuned model; the adapter is then merged. DPO's
+    reference is the fine-tuned model itself (the adapter switched off); ORPO needs none."""
+
+    method: Literal["none", "dpo", "orpo"] = Field("none", description="none: SFT only; dpo: Direct Preference "
+                                                                       "Optimization; orpo: odds-ratio preference "
+                                                                       "optimization (an SFT term plus the odds ratio).")
+    beta: float = Field(0.1, gt=0, description="DPO: how far the policy may move from the reference (higher: less); "
+                                                "ORPO: the weight of the odds-ratio term (lambda).")
+    steps: int = Field(60, ge=1, description="Optimizer steps of preference tuning.")
+    batch_size: int = Field(8, ge=1, description="Pairs per optimizer step.")
+    learning_rate: float = Field(5e-4, gt=0, lt=1)
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The preference adapter (a new one, on the merged SFT model).")
+    eval_pairs: int = Field(64, ge=1, description="Eval-split pairs the reward accuracy and margin are measured on at the end.")
+
+
 class TrainConfig(StrictModel):
     """Fine-tuning of the base (LoRA, QLoRA or full) and distillation of the draft.
 
@@ -175,8 +192,13 @@ class TrainConfig(StrictModel):
     draft_steps: int = Field(300, ge=0, description="Steps to train the draft on the target's own completions (0 = skip).")
     draft_learning_rate: float = Field(3e-3, gt=0, lt=1)
     distill_prompts: int = Field(512, ge=1, description="Training prompts the target completes to teach the draft.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     seed: int = 0
     device: Device = "auto"
+
+    def stages(self) -> tuple[str, ...]:
+        """The training stages this config runs, each with its own MLflow run."""
+        return ("train", "preference", "draft") if self.preference.method != "none" else ("train", "draft")
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "TrainConfig":

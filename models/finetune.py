@@ -7,6 +7,7 @@ single-process path runs: `python -m models.finetune JOB.json` under the launche
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
-from models.config import TrainConfig
+from models.config import LoraConfig, TrainConfig
 from models.device import resolve_device
 from models.training import Logger, fit, make_accelerator, spec_from
 
@@ -64,9 +65,6 @@ def qlora_settings(source: str, cfg: TrainConfig, device: torch.device):
 
 def load_for_training(source: str, method: str, cfg: TrainConfig, device: torch.device):
     """The model with exactly the weights `method` trains set to require gradients."""
-    import copy
-
-    from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -80,14 +78,20 @@ def load_for_training(source: str, method: str, cfg: TrainConfig, device: torch.
     if method == "full":
         model.requires_grad_(True)
         return model
-    lora = cfg.lora
-    return get_peft_model(model, PeftLoraConfig(
+    return get_peft_model(model, peft_lora(cfg.lora))
+
+
+def peft_lora(lora: LoraConfig):
+    """peft's LoraConfig for ours."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         # Copies: peft edits these lists in place, which would change our config (and every hash
         # taken of it later in the run).
         target_modules=copy.copy(lora.target_modules), task_type="CAUSAL_LM",
         modules_to_save=list(lora.modules_to_save) or None, ensure_weight_tying=bool(lora.modules_to_save),
-    ))
+    )
 
 
 def run_job(job: TrainJob, ready: Callable[[], None] | None = None, logger: Logger | None = None) -> dict:

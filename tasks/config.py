@@ -215,11 +215,31 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(name_or_path: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> PipelineConfig:
-    path = preset_path(name_or_path)
-    data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+def merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (lists and values are replaced, not joined)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_preset(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's settings; `extends: <preset>` at its top takes that preset's and changes only what it lists."""
+    data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = preset_path(str(parent))
+    if parent_path.resolve() in seen:
+        raise ConfigError(f"{path}: `extends: {parent}` makes a loop ({' -> '.join(p.name for p in seen)})")
+    return merged(read_preset(parent_path, (*seen, parent_path.resolve())), data)
+
+
+def load_config(name_or_path: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> PipelineConfig:
+    path = preset_path(name_or_path)
+    data = read_preset(path, (path.resolve(),))
     data.setdefault("preset", path.stem)
     for o in overrides or []:
         apply_override(data, o)

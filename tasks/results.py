@@ -217,13 +217,15 @@ class EtlResult(Result):
 
 
 class TrainResult(Result):
-    """`smelt train` / the smelt-train flow: the fine-tuned model and the distilled draft (if any)."""
+    """`smelt train` / the smelt-train flow: the fine-tuned model, the preference-tuned one (if
+    train.preference ran) and the distilled draft (if any)."""
 
     dataset: str
     counts: dict
     finetuned: str
     draft: Optional[str]
     mlflow_run_id: str
+    preferred: Optional[str] = None
 
 
 class PipelineResult(Result):

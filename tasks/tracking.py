@@ -170,8 +170,10 @@ def log_dataset_input(client: MlflowClient, run_id: str, dataset: DatasetVersion
 
 
 def log_stages(run_id: str, cfg: PipelineConfig, home: Path, dataset: DatasetVersion,
-               finetuned: Path, draft: Path | None, quantized: dict[str, Path], live: dict[str, tuple[str, str]] | None = None) -> None:
-    """Nested runs for the stages before evaluation, from the summaries each stage wrote to disk."""
+               finetuned: Path, draft: Path | None, quantized: dict[str, Path], live: dict[str, tuple[str, str]] | None = None,
+               tuned: Path | None = None) -> None:
+    """Nested runs for the stages before evaluation, from the summaries each stage wrote to disk.
+    `tuned`: the preference-tuned model, when that stage ran."""
     client = use_tracking(cfg.registry, home)
     log_stage(client, run_id, "etl", dataset.counts, [dataset.path / "manifest.json", dataset.path / "quarantine.jsonl",
                                                       dataset.path / "removed.jsonl"],
@@ -181,6 +183,12 @@ def log_stages(run_id: str, cfg: PipelineConfig, home: Path, dataset: DatasetVer
     train_run = log_stage(client, run_id, "train", train, [finetuned / "train.json"],
                           {"artifact": finetuned.name, "method": train.get("method")}, run_id=live.get("train", (None, None))[1])
     log_dataset_input(client, train_run, dataset, "training")
+    if tuned is not None and tuned != finetuned:
+        pref = read_json(tuned / "train.json")
+        pref_run = log_stage(client, run_id, "preference", pref, [tuned / "train.json"],
+                             {"artifact": tuned.name, "method": pref.get("method"), "beta": pref.get("config", {}).get("beta"),
+                              "sft_artifact": finetuned.name}, run_id=live.get("preference", (None, None))[1])
+        log_dataset_input(client, pref_run, dataset, "preference")
     if draft is not None:
         log_stage(client, run_id, "draft", read_json(draft / "train.json"), [draft / "train.json"], {"artifact": draft.name},
                   run_id=live.get("draft", (None, None))[1])
@@ -229,8 +237,8 @@ def open_stage_run_task(run_id: str, cfg: PipelineConfig, home: str, stage: str)
 @task(name="track-stages", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)
 def track_stages_task(run_id: str, cfg: PipelineConfig, home: str, dataset: DatasetVersion,
                       finetuned: Path, draft: Path | None, quantized: dict[str, Path],
-                      live: dict[str, tuple[str, str]] | None = None) -> None:
-    log_stages(run_id, cfg, Path(home), dataset, finetuned, draft, quantized, live)
+                      live: dict[str, tuple[str, str]] | None = None, tuned: Path | None = None) -> None:
+    log_stages(run_id, cfg, Path(home), dataset, finetuned, draft, quantized, live, tuned)
 
 
 @task(name="close-tracking-run", retries=2, retry_delay_seconds=[5, 30], cache_policy=NO_CACHE)

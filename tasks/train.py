@@ -11,15 +11,17 @@ from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.artifacts import Artifact, artifact, write_json
+from models.artifacts import Artifact, artifact, read_json, write_json
 from models.chat import render_context, row_context, row_messages, tokenize_conversation
 from models.config import ModelConfig, TrainConfig
 from models.decoding import Generation, SamplingParams, draft_acceptance, encode, generate_batch
 from models.device import resolve_device
 from models.embedded import build_embedded
 from models.finetune import STATS, TrainJob, merge_adapter, train
+from models.preference import fit_preferences, pair_records
 from tasks.caching import PackageSource
 from tasks.config import REPO_ROOT
+from tasks.data.formats import DataError
 from tasks.etl import DatasetVersion
 from tasks.tracking import step_logger
 
@@ -56,16 +58,19 @@ def training_examples(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
 # so a rerun with more processes or other checkpoint spacing reuses (and resumes) the same work.
 RUN_ONLY = {"num_processes", "accelerate_config", "log_every", "checkpoint_every", "keep_checkpoints", "device"}
 DRAFT_ONLY = {"draft_steps", "draft_learning_rate", "distill_prompts"}
+PREFERENCE_ONLY = {"preference"}  # preference tuning is its own stage: changing it keeps the SFT result
 # What decides the fine-tuned weights: this stage's example building and tokenizer setup, the worker
 # and training loop it launches, and the chat rendering the examples are made with.
 FINETUNE_CODE = ("tasks.train", "tasks.train_worker", "models.finetune", "models.training", "models.chat")
+# Preference tuning: this stage, TRL's trainers as models.preference drives them, the adapter merge.
+PREFERENCE_CODE = ("tasks.train", "models.preference", "models.finetune", "models.chat")
 # The draft is trained by the same code; the acceptance rates recorded with it come from models.decoding.
 DRAFT_CODE = (*FINETUNE_CODE, "models.decoding")
 
 
 def finetune_artifact(base: str, dataset: DatasetVersion, cfg: TrainConfig, chat_template: str | None, home: Path) -> Artifact:
     return artifact(home / "models", "finetuned", base, dataset.version,
-                    cfg.model_dump(mode="json", exclude=RUN_ONLY | DRAFT_ONLY), chat_template, code=FINETUNE_CODE)
+                    cfg.model_dump(mode="json", exclude=RUN_ONLY | DRAFT_ONLY | PREFERENCE_ONLY), chat_template, code=FINETUNE_CODE)
 
 
 def eval_split(dataset: DatasetVersion, n: int) -> list[dict]:
@@ -115,6 +120,44 @@ def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: Mo
         tokenizer.save_pretrained(tmp / "merged")  # carries the chat template used in training
         write_json(tmp / "train.json", {"base": base, "dataset": dataset.version, "method": cfg.method,
                                         "config": cfg.model_dump(), **stats})
+    return art.path
+
+
+def tune_preferences(finetuned: Path, dataset: DatasetVersion, cfg: TrainConfig, home: Path,
+                     tracking: tuple[str, str] | None = None) -> Path:
+    """DPO or ORPO (train.preference.method) on the dataset's preference pairs, starting from the
+    fine-tuned model. Returns a folder shaped like fine-tune's (`merged/`, `adapter/`, `train.json`), so
+    the draft, quantization and evaluation take either; with method `none`, the fine-tuned folder itself.
+    An interrupted run resumes from its last checkpoint when run again."""
+    pref = cfg.preference
+    if pref.method == "none":
+        return finetuned
+    pairs = pair_records(dataset.rows("train"))
+    if not pairs:
+        raise DataError(f"train.preference.method={pref.method} needs preference pairs (rows with a chosen and a "
+                        f"rejected answer), and dataset {dataset.version} has none in its train split: add a preference "
+                        f"file to etl.sources (the embedded task's is data/orders-preference.jsonl; `uv run smelt run "
+                        f"--config tiny-cpu-dpo` does both) or set train.preference.method=none")
+    art = artifact(home / "models", f"preferred-{pref.method}", str(finetuned), dataset.version,
+                   pref.model_dump(mode="json"), cfg.seed, cfg.max_seq_len, code=PREFERENCE_CODE)
+    if art.exists():
+        return art.path
+    work = art.work  # survives a crash: the next run resumes from its checkpoints
+    source = finetuned / "merged"
+    tokenizer = load_tokenizer(str(source), None)  # carries the chat template SFT used
+    eval_pairs = pair_records(eval_split(dataset, len(dataset.rows("eval"))))[: pref.eval_pairs]
+    log.info("%s on %d preference pairs (%d eval pairs), from %s", pref.method, len(pairs), len(eval_pairs), finetuned.name)
+    stats = fit_preferences(source, tokenizer, pairs, eval_pairs, pref.method, pref, work / "trained", work / "checkpoints",
+                            max_len=cfg.max_seq_len, seed=cfg.seed, device=resolve_device(cfg.device),
+                            log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                            on_log=step_logger(*tracking) if tracking else None)
+    with art.build() as tmp:  # clears `work` once the model is in place
+        shutil.copytree(work / "trained", tmp / "adapter")
+        merge_adapter(str(source), tmp / "adapter", tmp / "merged")
+        tokenizer.save_pretrained(tmp / "merged")
+        sft = read_json(finetuned / "train.json")
+        write_json(tmp / "train.json", {"sft": str(finetuned), "sft_method": sft.get("method"), "dataset": dataset.version,
+                                        "config": pref.model_dump(), **stats})
     return art.path
 
 
@@ -188,6 +231,14 @@ TRAIN_CACHE = (INPUTS - "tracking") + TASK_SOURCE + PackageSource()
 def finetune_task(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig, home: str,
                   tracking: tuple[str, str] | None = None) -> Path:
     return finetune(base, dataset, cfg, model_cfg, Path(home), tracking)
+
+
+# log_prints off: `datasets` (under TRL) finds a function's globals with dill, which disassembles it with
+# print() into a captured stdout; Prefect's print capture would log those ~500 lines of bytecode instead.
+@task(name="preference-tune", cache_policy=TRAIN_CACHE, persist_result=True, log_prints=False)
+def preference_task(finetuned: Path, dataset: DatasetVersion, cfg: TrainConfig, home: str,
+                    tracking: tuple[str, str] | None = None) -> Path:
+    return tune_preferences(finetuned, dataset, cfg, Path(home), tracking)
 
 
 @task(name="train-draft", cache_policy=TRAIN_CACHE, persist_result=True)

@@ -50,3 +50,16 @@ def test_malformed_override_and_unknown_preset():
         load_config("tiny-cpu", ["train.steps"])
     with pytest.raises(ConfigError, match="no config file or preset named 'nope'.*tiny-cpu"):
         load_config("nope")
+
+
+def test_a_preset_that_extends_another_changes_only_what_it_lists(tmp_path):
+    dpo, base = load_config("tiny-cpu-dpo"), load_config("tiny-cpu")
+    assert dpo.train.preference.method == "dpo" and base.train.preference.method == "none"
+    assert dpo.etl.sources == ["data/orders.jsonl", "data/orders-preference.jsonl"]
+    assert dpo.train.model_dump(exclude={"preference"}) == base.train.model_dump(exclude={"preference"})
+    assert dpo.model == base.model and dpo.quant == base.quant and dpo.decode == base.decode
+    assert dpo.train.stages() == ("train", "preference", "draft") and base.train.stages() == ("train", "draft")
+    looped = tmp_path / "a.yaml"
+    looped.write_text(f"extends: {looped}\n")
+    with pytest.raises(ConfigError, match="makes a loop"):
+        load_config(str(looped))
