@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from models.artifacts import code_digest, read_json
+from models.quant import runtime_library
 from models.candidate import RECIPE, Recipe
 from models.settings import BENTO_MODEL_FILE, REPO_ROOT
 from tasks.caching import STAGE_CACHE
@@ -69,8 +70,24 @@ def bento_labels(model_tag: str) -> dict[str, str]:
             "base_image": base_image_tag().split(":")[1]}
 
 
+def bento_packages(quant_method: str) -> list[str]:
+    """The serving stack, plus the library that loads the champion's quantization (gptqmodel,
+    bitsandbytes) when it needs one, each pinned to the version installed here."""
+    extra = runtime_library(quant_method)
+    names = BENTO_PACKAGES + ([extra] if extra and extra not in BENTO_PACKAGES else [])
+    return [f"{p}=={pkg_version(p)}" for p in names]
+
+
+def model_quant_method(model_tag: str) -> str:
+    """The quantization method recorded with a model-store model ("none" if it is not in the store)."""
+    try:
+        return bentoml.models.get(model_tag).info.metadata.get("recipe", {}).get("quant_method", "none")
+    except bentoml.exceptions.NotFound:
+        return "none"
+
+
 def bentofile(model_tag: str) -> dict:
-    python = {"packages": [f"{p}=={pkg_version(p)}" for p in BENTO_PACKAGES], "lock_packages": False}
+    python = {"packages": bento_packages(model_quant_method(model_tag)), "lock_packages": False}
     if index := torch_index():  # CPU torch wheels where reachable (no CUDA libraries in a CPU image)
         python["extra_index_url"] = [index]
     return {

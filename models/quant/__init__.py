@@ -47,6 +47,11 @@ def check_registry(backends: dict, methods: tuple[str, ...]) -> None:
 check_registry(BACKENDS, QUANT_METHODS)
 
 
+def runtime_library(method: str) -> str | None:
+    """The package that loading `method`'s artifacts needs beyond torch and transformers (None: none)."""
+    return BACKENDS[method][2]
+
+
 def _backend(method: str):
     if method not in BACKENDS:
         raise ValueError(f"unknown quantization method {method!r}; known: {sorted(BACKENDS)}")
@@ -103,7 +108,7 @@ def quantize_model(method: str, model_dir: Path, out_dir: Path, calibration: lis
     settings = method_settings(method, cfg)
     t0 = time.perf_counter()
     extra = module.quantize(Path(model_dir), Path(out_dir), calibration, **settings) or {}
-    library = BACKENDS[method][2]
+    library = runtime_library(method)
     write_json(Path(out_dir) / QUANT_META, {
         "method": method, "settings": settings, "calibration_rows": len(calibration),
         "calibration_digest": digest(calibration, length=16), "library": library,

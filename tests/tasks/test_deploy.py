@@ -116,3 +116,14 @@ def test_bento_names_the_local_base_image_and_no_cuda_free_index_when_unreachabl
     assert spec["docker"]["base_image"] == base_image_tag()
     assert "extra_index_url" not in spec["python"]  # unreachable: PyPI's torch, said on stdout
     assert any(p.startswith("ninja==") for p in spec["python"]["packages"])  # the int8 kernel builds in the image
+
+
+def test_the_bento_installs_the_library_that_loads_the_champions_quantization():
+    from importlib.metadata import version
+
+    from tasks.package import bento_packages
+
+    assert f"gptqmodel=={version('gptqmodel')}" in bento_packages("gptq-int4")
+    assert f"bitsandbytes=={version('bitsandbytes')}" in bento_packages("bnb-nf4")
+    assert not any(p.startswith(("gptqmodel", "bitsandbytes")) for p in bento_packages("torchao-int8-wo"))
+    assert bento_packages("none") == bento_packages("torchao-int8-wo")  # torchao is always there
