@@ -190,7 +190,7 @@ def build_embedded_tokenizer(cfg: EmbeddedBuildConfig, home: Path, root: Path) -
     Build (or reuse) the embedded BPE tokenizer alone: seconds, so ETL can count tokens before
     the base is pretrained. The base built later loads this very tokenizer."""
     if cfg.shipped:
-        return shipped_release(cfg, root) / "base"
+        return shipped.release(cfg, root) / "base"
 
     def make(tmp: Path) -> None:
         extra_files = [p if p.is_absolute() else root / p for p in map(Path, cfg.tokenizer_extra_files)]
@@ -312,31 +312,13 @@ def build_embedded(cfg: EmbeddedBuildConfig, home: Path, device: torch.device, r
 # ---------------------------------------------------------------------------------------------
 # Shipped weights: built once by `smelt embedded build`, committed, loaded by every run.
 
-def rebuild_command(cfg: EmbeddedBuildConfig) -> str:
-    return f"uv run smelt embedded build --config <the preset that names it> --out {cfg.shipped or 'DIR'}"
-
-
-def shipped_release(cfg: EmbeddedBuildConfig, root: Path) -> Path:
-    """The release folder named by `cfg.shipped`, every file hash-checked and its config equal to `cfg`."""
-    path = root / cfg.shipped
-    manifest = shipped.verify(path, rebuild_command(cfg))
-    wanted = cfg.model_dump(mode="json", exclude={"shipped"})
-    if manifest["config"] != wanted:
-        differ = sorted(k for k in wanted if manifest["config"].get(k) != wanted[k])
-        raise shipped.ShippedWeightsError(
-            f"model.embedded differs from the build in {path / shipped.MANIFEST} (fields: {', '.join(differ)}): "
-            f"the shipped weights were made with other settings. Set model.embedded.shipped=null to build these "
-            f"settings locally, or rebuild the release with: {rebuild_command(cfg)}")
-    return path
-
-
 def unpack_release(cfg: EmbeddedBuildConfig, home: Path, root: Path) -> tuple[Path, Path]:
     """(base, draft_init) in fp32 under SMELT_HOME, converted once from the shipped bf16 files.
 
     Everything downstream (fine-tuning, quantization, the fp32 reference candidate) starts from the
     same full-precision weights as a locally pretrained base would give.
     """
-    release = shipped_release(cfg, root)
+    release = shipped.release(cfg, root)
     key = json.loads((release / shipped.MANIFEST).read_text())["files"]
 
     def unpack(name: str):

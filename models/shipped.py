@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from models.config import EmbeddedBuildConfig
+
 MANIFEST = "manifest.json"
 
 
@@ -87,3 +89,22 @@ def verify(root: Path, rebuild: str) -> dict:
                                       f"{expected[:12]}...): the file was altered or truncated (a Git LFS pointer?). "
                                       f"Restore it (git checkout -- {path}) or rebuild the weights with: {rebuild}")
     return manifest
+
+
+def rebuild_command(cfg: EmbeddedBuildConfig) -> str:
+    return f"uv run smelt embedded build --config <the preset that names it> --out {cfg.shipped or 'DIR'}"
+
+
+def release(cfg: EmbeddedBuildConfig, root: Path) -> Path:
+    """The release folder named by `cfg.shipped`, every file hash-checked and its config equal to `cfg`.
+    Imports neither torch nor transformers: ETL finds the shipped tokenizer through it in a moment."""
+    path = root / cfg.shipped
+    manifest = verify(path, rebuild_command(cfg))
+    wanted = cfg.model_dump(mode="json", exclude={"shipped"})
+    if manifest["config"] != wanted:
+        differ = sorted(k for k in wanted if manifest["config"].get(k) != wanted[k])
+        raise ShippedWeightsError(
+            f"model.embedded differs from the build in {path / MANIFEST} (fields: {', '.join(differ)}): "
+            f"the shipped weights were made with other settings. Set model.embedded.shipped=null to build these "
+            f"settings locally, or rebuild the release with: {rebuild_command(cfg)}")
+    return path

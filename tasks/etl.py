@@ -609,6 +609,10 @@ def prepare_tokenizer(cfg: ModelConfig, home: Path) -> str:
     """The tokenizer ETL counts tokens with: the preset base's own (the embedded one is built in seconds)."""
     if cfg.base != "embedded":
         return cfg.base
+    if cfg.embedded.shipped:  # hash-checked in place; no torch import (`smelt data ingest` answers sooner)
+        from models.shipped import release
+
+        return str(release(cfg.embedded, REPO_ROOT) / "base")
     from models.embedded import build_embedded_tokenizer
 
     return str(build_embedded_tokenizer(cfg.embedded, home, REPO_ROOT))

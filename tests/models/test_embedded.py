@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from models.curriculum import PROBES
 from models.config import EmbeddedBuildConfig, LoraConfig, ModelConfig, TinyLlamaSpec, TrainConfig
-from models.embedded import build_release, grow_llama, new_llama, shipped_release, train_tokenizer, unpack_release
+from models.embedded import build_release, grow_llama, new_llama, train_tokenizer, unpack_release
+from models.shipped import release as shipped_release
 from models.shipped import MANIFEST, ShippedWeightsError, sha256_file, verify
 from tasks.config import REPO_ROOT, load_config
 
