@@ -95,7 +95,8 @@ def train_cmd(
         fail(f"smelt train: {err}", 2)
     draft = read_json(Path(result.draft) / "train.json") if result.draft else None
     preferred = read_json(Path(result.preferred) / "train.json") if result.preferred else None
-    print_train_result(result, read_json(Path(result.finetuned) / "train.json"), draft, preferred)
+    sft = read_json(Path(result.finetuned) / "train.json") if result.finetuned else None
+    print_train_result(result, sft, draft, preferred)
 
 
 @embedded_app.command("build")

@@ -16,15 +16,15 @@ def pct(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def print_train_result(result, train: dict, draft: dict | None, preferred: dict | None = None) -> None:
-    """`smelt train`: the fine-tuning run (from its train.json), the preference stage's reward accuracy
-    and margin, and the distilled draft's acceptance."""
-    t = train
-    resumed = f", resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else ""
-    early = f", stopped early at step {t['steps_run']}" if t.get("stopped_early") else ""
-    console.print(f"fine-tuned ({t['method']}, {t['steps_run']} steps on {t['num_processes']} process(es){resumed}{early}): "
-                  f"train loss {t['final_loss']:.4f}, eval loss {t['eval_loss'] or float('nan'):.4f}, {t['train_tokens_per_s']:,.0f} tokens/s "
-                  f"-> {result.finetuned}")
+def print_train_result(result, train: dict | None, draft: dict | None, preferred: dict | None = None) -> None:
+    """`smelt train`: the fine-tuning run (from its train.json; None when SFT was skipped), the
+    preference stage's reward accuracy and margin, and the distilled draft's acceptance."""
+    if t := train:
+        resumed = f", resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else ""
+        early = f", stopped early at step {t['steps_run']}" if t.get("stopped_early") else ""
+        console.print(f"fine-tuned ({t['method']}, {t['steps_run']} steps on {t['num_processes']} process(es){resumed}{early}): "
+                      f"train loss {t['final_loss']:.4f}, eval loss {t['eval_loss'] or float('nan'):.4f}, "
+                      f"{t['train_tokens_per_s']:,.0f} tokens/s -> {result.finetuned}")
     if preferred:
         p = preferred
         console.print(f"preference-tuned ({p['method']}, {p['steps']} steps on {p['pairs']} pairs): train loss {p['train_loss']:.4f}; "

@@ -36,8 +36,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     log_dataset_task(config, run, dataset, home)
     base, draft_init = prepare_models_task(config.model, home, config.train.device)
     live = {stage: open_stage_run_task(run, config, home, stage) for stage in config.train.stages()}
-    finetuned = finetune_task(base, dataset, config.train, config.model, home, live["train"])
-    tuned = preference_task(finetuned, dataset, config.train, home, live.get("preference"))
+    finetuned = finetune_task(base, dataset, config.train, config.model, home, live.get("train"))
+    tuned = preference_task(finetuned, base, dataset, config.train, config.model, home, live.get("preference"))
     draft = train_draft_task(tuned, draft_init, dataset, config.train, home, live["draft"])
     quantized = quantize_task(tuned, dataset, config.quant, home, config.train.device)
     track_stages_task(run, config, home, dataset, finetuned, draft, quantized, live, tuned)
@@ -99,12 +99,12 @@ def train(config: PipelineConfig = PipelineConfig()) -> TrainResult:
     run = open_run_task(config, dataset, home)
     base, draft_init = prepare_models_task(config.model, home, config.train.device)
     live = {stage: open_stage_run_task(run, config, home, stage) for stage in config.train.stages()}
-    finetuned = finetune_task(base, dataset, config.train, config.model, home, live["train"])
-    tuned = preference_task(finetuned, dataset, config.train, home, live.get("preference"))
+    finetuned = finetune_task(base, dataset, config.train, config.model, home, live.get("train"))
+    tuned = preference_task(finetuned, base, dataset, config.train, config.model, home, live.get("preference"))
     draft = train_draft_task(tuned, draft_init, dataset, config.train, home, live["draft"])
     track_stages_task(run, config, home, dataset, finetuned, draft, {}, live, tuned)
     close_run_task(run, config, home, None, None)
-    return TrainResult(dataset=dataset.version, counts=dataset.counts, finetuned=str(finetuned),
+    return TrainResult(dataset=dataset.version, counts=dataset.counts, finetuned=None if finetuned is None else str(finetuned),
                        preferred=None if tuned == finetuned else str(tuned),
                        draft=None if draft is None else str(draft), mlflow_run_id=run)
 

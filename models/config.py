@@ -150,6 +150,15 @@ class PreferenceConfig(StrictModel):
     learning_rate: float = Field(5e-4, gt=0, lt=1)
     lora: LoraConfig = Field(default_factory=LoraConfig, description="The preference adapter (a new one, on the merged SFT model).")
     eval_pairs: int = Field(64, ge=1, description="Eval-split pairs the reward accuracy and margin are measured on at the end.")
+    start: Literal["sft", "base"] = Field("sft", description="sft: tune the fine-tuned model (SFT runs first); base: tune "
+                                                             "the base model itself and skip SFT (ORPO's loss has an SFT "
+                                                             "term of its own; DPO's reference is then the base).")
+
+    @model_validator(mode="after")
+    def _start_needs_a_method(self) -> "PreferenceConfig":
+        if self.start == "base" and self.method == "none":
+            raise ValueError("start=base skips SFT, so it needs a preference method (dpo or orpo)")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -198,7 +207,12 @@ class TrainConfig(StrictModel):
 
     def stages(self) -> tuple[str, ...]:
         """The training stages this config runs, each with its own MLflow run."""
-        return ("train", "preference", "draft") if self.preference.method != "none" else ("train", "draft")
+        if self.preference.method == "none":
+            return ("train", "draft")
+        return ("preference", "draft") if self.preference.start == "base" else ("train", "preference", "draft")
+
+    def skips_sft(self) -> bool:
+        return self.preference.method != "none" and self.preference.start == "base"
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "TrainConfig":

@@ -222,7 +222,7 @@ class TrainResult(Result):
 
     dataset: str
     counts: dict
-    finetuned: str
+    finetuned: Optional[str]  # None when train.preference.start=base skipped SFT
     draft: Optional[str]
     mlflow_run_id: str
     preferred: Optional[str] = None

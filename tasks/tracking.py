@@ -179,15 +179,17 @@ def log_stages(run_id: str, cfg: PipelineConfig, home: Path, dataset: DatasetVer
                                                       dataset.path / "removed.jsonl"],
               {"dataset_version": dataset.version, "path": dataset.path})
     live = live or {}
-    train = read_json(finetuned / "train.json")
-    train_run = log_stage(client, run_id, "train", train, [finetuned / "train.json"],
-                          {"artifact": finetuned.name, "method": train.get("method")}, run_id=live.get("train", (None, None))[1])
-    log_dataset_input(client, train_run, dataset, "training")
+    if finetuned is not None:  # None: train.preference.start=base skipped SFT
+        train = read_json(finetuned / "train.json")
+        train_run = log_stage(client, run_id, "train", train, [finetuned / "train.json"],
+                              {"artifact": finetuned.name, "method": train.get("method")}, run_id=live.get("train", (None, None))[1])
+        log_dataset_input(client, train_run, dataset, "training")
     if tuned is not None and tuned != finetuned:
         pref = read_json(tuned / "train.json")
         pref_run = log_stage(client, run_id, "preference", pref, [tuned / "train.json"],
                              {"artifact": tuned.name, "method": pref.get("method"), "beta": pref.get("config", {}).get("beta"),
-                              "sft_artifact": finetuned.name}, run_id=live.get("preference", (None, None))[1])
+                              "start": pref.get("config", {}).get("start"),
+                              "sft_artifact": finetuned.name if finetuned else None}, run_id=live.get("preference", (None, None))[1])
         log_dataset_input(client, pref_run, dataset, "preference")
     if draft is not None:
         log_stage(client, run_id, "draft", read_json(draft / "train.json"), [draft / "train.json"], {"artifact": draft.name},

@@ -91,13 +91,16 @@ def write_rows(path: Path, rows: list[dict]) -> str:
 
 
 def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig, home: Path,
-               tracking: tuple[str, str] | None = None) -> Path:
+               tracking: tuple[str, str] | None = None) -> Path | None:
     """Fine-tune `base` on the train split (train.method: lora, qlora or full). Returns a folder with
     `merged/` (what gets quantized), `adapter/` for LoRA/QLoRA, and `train.json`.
 
     An interrupted run leaves its checkpoints in `models/.work-finetuned-<key>/`; running the same
     config again resumes from the last one. `tracking` = (tracking URI, MLflow run id) for per-step metrics.
+    None when train.preference.start=base: preference tuning starts from the base instead.
     """
+    if cfg.skips_sft():
+        return None
     art = finetune_artifact(base, dataset, cfg, model_cfg.chat_template, home)
     if art.exists():
         return art.path
@@ -123,12 +126,14 @@ def finetune(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: Mo
     return art.path
 
 
-def tune_preferences(finetuned: Path, dataset: DatasetVersion, cfg: TrainConfig, home: Path,
-                     tracking: tuple[str, str] | None = None) -> Path:
+def tune_preferences(finetuned: Path | None, dataset: DatasetVersion, cfg: TrainConfig, home: Path,
+                     tracking: tuple[str, str] | None = None, base: str | None = None,
+                     chat_template: str | None = None) -> Path:
     """DPO or ORPO (train.preference.method) on the dataset's preference pairs, starting from the
-    fine-tuned model. Returns a folder shaped like fine-tune's (`merged/`, `adapter/`, `train.json`), so
-    the draft, quantization and evaluation take either; with method `none`, the fine-tuned folder itself.
-    An interrupted run resumes from its last checkpoint when run again."""
+    fine-tuned model (or from `base` when train.preference.start=base and SFT was skipped). Returns a
+    folder shaped like fine-tune's (`merged/`, `adapter/`, `train.json`), so the draft, quantization and
+    evaluation take either; with method `none`, the fine-tuned folder itself. An interrupted run
+    resumes from its last checkpoint when run again."""
     pref = cfg.preference
     if pref.method == "none":
         return finetuned
@@ -138,15 +143,19 @@ def tune_preferences(finetuned: Path, dataset: DatasetVersion, cfg: TrainConfig,
                         f"rejected answer), and dataset {dataset.version} has none in its train split: add a preference "
                         f"file to etl.sources (the embedded task's is data/orders-preference.jsonl; `uv run smelt run "
                         f"--config tiny-cpu-dpo` does both) or set train.preference.method=none")
-    art = artifact(home / "models", f"preferred-{pref.method}", str(finetuned), dataset.version,
-                   pref.model_dump(mode="json"), cfg.seed, cfg.max_seq_len, code=PREFERENCE_CODE)
+    start = str(finetuned) if finetuned is not None else base
+    if start is None:
+        raise ValueError("preference tuning needs the fine-tuned model or, with train.preference.start=base, the base")
+    art = artifact(home / "models", f"preferred-{pref.method}", start, dataset.version, pref.model_dump(mode="json"),
+                   cfg.seed, cfg.max_seq_len, chat_template, code=PREFERENCE_CODE)
     if art.exists():
         return art.path
     work = art.work  # survives a crash: the next run resumes from its checkpoints
-    source = finetuned / "merged"
-    tokenizer = load_tokenizer(str(source), None)  # carries the chat template SFT used
+    source = finetuned / "merged" if finetuned is not None else Path(base)
+    # SFT's merged model carries the chat template it trained with; a base gets the preset's
+    tokenizer = load_tokenizer(str(source), None if finetuned is not None else chat_template)
     eval_pairs = pair_records(eval_split(dataset, len(dataset.rows("eval"))))[: pref.eval_pairs]
-    log.info("%s on %d preference pairs (%d eval pairs), from %s", pref.method, len(pairs), len(eval_pairs), finetuned.name)
+    log.info("%s on %d preference pairs (%d eval pairs), from %s", pref.method, len(pairs), len(eval_pairs), source)
     stats = fit_preferences(source, tokenizer, pairs, eval_pairs, pref.method, pref, work / "trained", work / "checkpoints",
                             max_len=cfg.max_seq_len, seed=cfg.seed, device=resolve_device(cfg.device),
                             log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
@@ -155,9 +164,10 @@ def tune_preferences(finetuned: Path, dataset: DatasetVersion, cfg: TrainConfig,
         shutil.copytree(work / "trained", tmp / "adapter")
         merge_adapter(str(source), tmp / "adapter", tmp / "merged")
         tokenizer.save_pretrained(tmp / "merged")
-        sft = read_json(finetuned / "train.json")
-        write_json(tmp / "train.json", {"sft": str(finetuned), "sft_method": sft.get("method"), "dataset": dataset.version,
-                                        "config": pref.model_dump(), **stats})
+        sft = read_json(finetuned / "train.json") if finetuned is not None else {"method": None}
+        write_json(tmp / "train.json", {"sft": None if finetuned is None else str(finetuned), "sft_method": sft.get("method"),
+                                        "start": source.as_posix(), "dataset": dataset.version, "config": pref.model_dump(),
+                                        **stats})
     return art.path
 
 
@@ -229,16 +239,16 @@ TRAIN_CACHE = (INPUTS - "tracking") + TASK_SOURCE + PackageSource()
 
 @task(name="fine-tune", cache_policy=TRAIN_CACHE, persist_result=True)
 def finetune_task(base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig, home: str,
-                  tracking: tuple[str, str] | None = None) -> Path:
+                  tracking: tuple[str, str] | None = None) -> Path | None:
     return finetune(base, dataset, cfg, model_cfg, Path(home), tracking)
 
 
 # log_prints off: `datasets` (under TRL) finds a function's globals with dill, which disassembles it with
 # print() into a captured stdout; Prefect's print capture would log those ~500 lines of bytecode instead.
 @task(name="preference-tune", cache_policy=TRAIN_CACHE, persist_result=True, log_prints=False)
-def preference_task(finetuned: Path, dataset: DatasetVersion, cfg: TrainConfig, home: str,
-                    tracking: tuple[str, str] | None = None) -> Path:
-    return tune_preferences(finetuned, dataset, cfg, Path(home), tracking)
+def preference_task(finetuned: Path | None, base: str, dataset: DatasetVersion, cfg: TrainConfig, model_cfg: ModelConfig,
+                    home: str, tracking: tuple[str, str] | None = None) -> Path:
+    return tune_preferences(finetuned, dataset, cfg, Path(home), tracking, base=base, chat_template=model_cfg.chat_template)
 
 
 @task(name="train-draft", cache_policy=TRAIN_CACHE, persist_result=True)

@@ -48,3 +48,19 @@ print(json.dumps({"params": run.data.params, "margins": [m.value for m in c.get_
     assert run["params"]["method"] == "dpo" and run["status"] == "FINISHED"
     assert len(run["margins"]) == 2  # logged every 2 of 4 steps
     assert run["inputs"] and run["inputs"][0].startswith("smelt-dataset-")
+
+
+def test_train_with_orpo_from_the_base_skips_sft(tmp_path):
+    home = tmp_path / "home"
+    args = ["train", "-c", "micro-cpu", "etl.sources=[data/orders.jsonl, data/orders-preference.jsonl]",
+            "train.preference.method=orpo", "train.preference.start=base", "train.preference.steps=2",
+            "train.preference.batch_size=4", "train.draft_steps=2"]
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=smelt_env(home),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "preference-tuned (orpo, 2 steps on " in proc.stdout and "fine-tuned (" not in proc.stdout
+    assert not list(home.glob("models/finetuned-*"))
+    [pref] = home.glob("models/preferred-orpo-*")
+    assert json.loads((pref / "train.json").read_text())["sft"] is None
+    [draft] = [d for d in home.glob("models/draft-*") if not d.name.startswith("draft-init")]
+    assert json.loads((draft / "train.json").read_text())["target"] == str(pref)

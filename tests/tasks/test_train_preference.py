@@ -61,3 +61,23 @@ def test_none_keeps_the_fine_tuned_model_and_no_pairs_is_refused_with_a_way_out(
     assert tune_preferences(finetuned, ds, config("none"), tmp_path / "home") == finetuned
     with pytest.raises(DataError, match=r"needs preference pairs.*orders-preference\.jsonl.*method=none"):
         tune_preferences(finetuned, ds, config("dpo"), tmp_path / "home")
+
+
+def test_orpo_from_the_base_skips_sft(tiny_model_dir, tmp_path):
+    from tasks.train import finetune
+
+    ds = dataset(tmp_path / "pairs", pairs=True)
+    cfg = config("orpo")
+    cfg = cfg.model_copy(update={"preference": cfg.preference.model_copy(update={"start": "base"})})
+    assert cfg.stages() == ("preference", "draft")
+    assert finetune(str(tiny_model_dir), ds, cfg, None, tmp_path / "home") is None  # no SFT stage at all
+    out = tune_preferences(None, ds, cfg, tmp_path / "home", base=str(tiny_model_dir))
+    stats = json.loads((out / "train.json").read_text())
+    assert out.name.startswith("preferred-orpo-") and stats["sft"] is None and stats["start"] == tiny_model_dir.as_posix()
+    assert stats["history"][-1]["loss"] < stats["history"][0]["loss"]
+    assert (out / "merged" / "config.json").exists() and (out / "merged" / "tokenizer.json").exists()
+
+
+def test_starting_from_the_base_needs_a_preference_method():
+    with pytest.raises(ValueError, match="start=base skips SFT, so it needs a preference method"):
+        PreferenceConfig(method="none", start="base")
