@@ -12,16 +12,15 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from models.chat import row_messages
 from models.config import PreferenceConfig
 from models.finetune import peft_lora
+from models.training import Logger
 
 log = logging.getLogger(__name__)
-Logger = Callable[[int, dict], None]  # (step, metrics), as models.training's
 # What TRL logs that a user follows: the loss, and how far chosen answers lead rejected ones.
 CURVES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "log_odds_ratio",
           "nll_loss", "learning_rate", "grad_norm")

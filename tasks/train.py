@@ -73,8 +73,8 @@ def finetune_artifact(base: str, dataset: DatasetVersion, cfg: TrainConfig, chat
                     cfg.model_dump(mode="json", exclude=RUN_ONLY | DRAFT_ONLY | PREFERENCE_ONLY), chat_template, code=FINETUNE_CODE)
 
 
-def eval_split(dataset: DatasetVersion, n: int) -> list[dict]:
-    """The first `n` eval rows (none when the version has no eval split)."""
+def eval_split(dataset: DatasetVersion, n: int | None) -> list[dict]:
+    """The first `n` eval rows, all when `n` is None (none when the version has no eval split)."""
     return dataset.rows("eval")[:n] if (dataset.path / "eval.parquet").exists() else []
 
 
@@ -154,7 +154,7 @@ def tune_preferences(finetuned: Path | None, dataset: DatasetVersion, cfg: Train
     source = finetuned / "merged" if finetuned is not None else Path(base)
     # SFT's merged model carries the chat template it trained with; a base gets the preset's
     tokenizer = load_tokenizer(str(source), None if finetuned is not None else chat_template)
-    eval_pairs = pair_records(eval_split(dataset, len(dataset.rows("eval"))))[: pref.eval_pairs]
+    eval_pairs = pair_records(eval_split(dataset, None))[: pref.eval_pairs]
     log.info("%s on %d preference pairs (%d eval pairs), from %s", pref.method, len(pairs), len(eval_pairs), source)
     stats = fit_preferences(source, tokenizer, pairs, eval_pairs, pref.method, pref, work / "trained", work / "checkpoints",
                             max_len=cfg.max_seq_len, seed=cfg.seed, device=resolve_device(cfg.device),
