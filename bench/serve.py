@@ -30,8 +30,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.artifacts import write_json
 from models.chat import render_context
 from models.candidate import Recipe as CandidateRecipe
-from models.candidate import decoder_for
+from models.candidate import Candidate, decoder_for
 from models.decoding import Generation, SamplingParams, decode_rate
+from models.engine import Engine, EngineConfig
 from models.measure import memory_bandwidth, weight_bytes
 from models.quant import load_quantized
 from tasks.results import BenchRow
@@ -76,15 +77,21 @@ def serving_recipe(loop: str, setup: Setup) -> CandidateRecipe:
 
 
 def build_recipe(model, setup: Setup, weights: str, loop: str, wbytes: int) -> Recipe:
-    """Time what ships: the loop comes from `decoder_for`, the function a loaded candidate decodes through."""
-    decoder = decoder_for(model, setup.tokenizer, setup.draft, serving_recipe(loop, setup))
+    """Time what ships: one prompt decodes through `decoder_for`, the function a loaded candidate decodes
+    through; the concurrent streams go through the service's engine (models/engine.py) over the same recipe."""
+    recipe = serving_recipe(loop, setup)
+    draft = setup.draft if recipe.strategy == "draft" else None
+    cand = Candidate(model, setup.tokenizer, draft, recipe, decoder_for(model, setup.tokenizer, draft, recipe))
     params = SamplingParams(setup.max_new_tokens)
     texts = [setup.texts[i % len(setup.texts)] for i in range(setup.streams)]
+    engines: list[Engine] = []
 
     def streams() -> list[Generation]:
-        return decoder.complete_batch(texts, [params] * len(texts))
-    return Recipe(f"{weights} · {loop}", weights, loop, wbytes, lambda i: decoder.complete(setup.texts[i], params),
-                  streams if decoder.batches([params]) else None)
+        if not engines:  # built on first use, on the thread that times it
+            engines.append(Engine(cand, EngineConfig(max_batch_size=setup.streams, warm_rows=1)))
+        jobs = [engines[0].submit(t, params) for t in texts]
+        return [j.future.result(timeout=600) for j in jobs]
+    return Recipe(f"{weights} · {loop}", weights, loop, wbytes, lambda i: cand.complete(setup.texts[i], params), streams)
 
 
 def time_recipes(recipes: list[Recipe], n: int, passes: int, echo=print) -> list[dict]:

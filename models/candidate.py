@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.artifacts import Artifact, read_json, write_json
+from models.batching import Batcher
 from models.chat import render_context
 from models.config import DecodeConfig, DecodeStrategy, StrictModel
 from models.decoding import Decoder, GenerateDecoder, Generation, Preferring, SamplingParams, draft_acceptance, encode, strategy_kwargs
@@ -87,14 +88,12 @@ class Candidate:
         """Continue already-rendered text with this candidate's decoding strategy."""
         return self.decoder.complete(prompt_text, params, streamer)
 
-    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
-        """Several greedy requests in one forward per step; only the plain strategy batches."""
-        if not self.batchable(params):
-            raise ValueError("only greedy requests of a plain-strategy candidate can be batched")
-        return self.decoder.complete_batch(prompt_texts, params)
-
-    def batchable(self, params: list[SamplingParams]) -> bool:
-        return self.decoder.batches(params)
+    def batcher(self, slots: int, max_len: int, prefill_tokens: int = 256) -> Batcher:
+        """A continuous batch of `slots` rows decoding as this recipe does (the service's engine)."""
+        r = self.recipe
+        k = {"draft": r.num_draft_tokens, "prompt-lookup": r.prompt_lookup_tokens}.get(r.strategy, 0)
+        return Batcher(self.model, self.tokenizer.eos_token_id, slots, max_len, r.strategy, self.draft, k,
+                       compile=r.compile, prefill_tokens=prefill_tokens)
 
     @property
     def context_length(self) -> int:

@@ -52,6 +52,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    grammar: str | None = None  # constrained decoding (models/structured.py): served by the engine's batch
 
     def generate_kwargs(self) -> dict:
         if self.temperature <= 0:
@@ -96,20 +97,15 @@ def strategy_kwargs(strategy: str, draft, num_draft_tokens: int, prompt_lookup_t
 
 
 class Decoder(Protocol):
-    """A decode loop behind a candidate: transformers' generate (plain, assisted by a draft or by
-    prompt lookup) or smelt's compiled static-cache loop (greedy or speculative, one prompt or a batch)."""
+    """A one-request decode loop behind a candidate: transformers' generate (plain, assisted by a draft or
+    by prompt lookup) or smelt's compiled static-cache loop (greedy or speculative). Concurrent requests
+    are the continuous batch's (models/batching.py)."""
 
     def accepts(self, params: SamplingParams) -> bool:
         """Whether this loop can serve a request with these settings."""
 
     def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
         """Continue already-rendered text; `streamer` follows transformers' protocol (prompt, then each token)."""
-
-    def batches(self, params: list[SamplingParams]) -> bool:
-        """Whether these requests can be decoded together in one batch by this loop."""
-
-    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
-        """Several requests for which `batches` holds, one forward per step for all of them."""
 
 
 @dataclass
@@ -127,12 +123,6 @@ class GenerateDecoder:
     def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
         return generate_text(self.model, self.tokenizer, prompt_text, params, self.extra, streamer)
 
-    def batches(self, params: list[SamplingParams]) -> bool:
-        return not self.extra and all(p.temperature <= 0 for p in params)
-
-    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
-        return generate_batch(self.model, self.tokenizer, prompt_texts, params)
-
 
 @dataclass
 class Preferring:
@@ -149,12 +139,6 @@ class Preferring:
 
     def complete(self, prompt_text: str, params: SamplingParams, streamer=None) -> Generation:
         return self.pick([params]).complete(prompt_text, params, streamer)
-
-    def batches(self, params: list[SamplingParams]) -> bool:
-        return self.pick(params).batches(params)
-
-    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
-        return self.pick(params).complete_batch(prompt_texts, params)
 
 
 def encode(tokenizer, text: str) -> list[int]:

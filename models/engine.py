@@ -1,40 +1,50 @@
-"""The generation engine behind the API: one worker thread owns the model; requests queue for it.
+"""The generation engine behind the API: one worker thread owns the model and its running batch.
 
+- Continuous batching (models/batching.py): a request joins the running batch at the next step and
+  leaves it when it ends; streamed and non-streamed, greedy and sampled, speculative or not, all in
+  the same batch, each row exactly as the candidate was evaluated.
 - A bounded queue: past `max_batch_size + max_queue` outstanding requests, `submit` raises `Busy`
   (the API answers 429 with Retry-After) instead of letting work pile up without limit.
-- Batching where the decoding strategy allows: greedy requests to a plain-strategy candidate that
-  arrive together are decoded in one left-padded batch; everything else (sampling, speculative
-  decoding, streaming) runs one request at a time, exactly as it was evaluated.
+- Cancellation: `Job.cancel` (a client that went away) frees the request's row before the next step.
+- Streaming: text pieces as tokens are accepted, held back where they could be the start of a stop
+  string or an unfinished UTF-8 character; delivered to an asyncio queue or a blocking iterator.
 - One thread owns the model, so per-request seeds are reproducible and nothing races on it.
 """
 from __future__ import annotations
 
+import asyncio
 import copy
+import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from transformers import TextIteratorStreamer
-
 from pydantic import Field
 
+from models.batching import Sequence
 from models.candidate import Candidate
 from models.config import StrictModel
-from models.decoding import Generation, SamplingParams, draft_acceptance, encode
+from models.decoding import Generation, SamplingParams, cut_at_stop, encode, finish
+from models.structured import Constraint
 
-ACCEPTANCE_EVERY = 8
+END = object()  # closes a stream
 
 
 class EngineConfig(StrictModel):
     """The scheduler's limits. serving's ServeConfig extends it and reads them from SMELT_* variables;
     evaluation and the bench build one directly."""
 
-    max_batch_size: int = Field(8, ge=1, description="SMELT_MAX_BATCH_SIZE: greedy plain-strategy requests decoded together.")
-    batch_wait_ms: float = Field(5.0, ge=0, description="SMELT_BATCH_WAIT_MS: how long the first request waits for company.")
+    max_batch_size: int = Field(16, ge=1, description="SMELT_MAX_BATCH_SIZE: requests decoded together (rows of the KV cache).")
     max_queue: int = Field(64, ge=0, description="SMELT_MAX_QUEUE: requests waiting beyond those running; more get 429.")
     retry_after_s: int = Field(1, ge=1, description="SMELT_RETRY_AFTER_S: the Retry-After a refused request is given.")
+    max_seq_len: int = Field(2048, ge=16, description="SMELT_MAX_SEQ_LEN: cache slots per row (prompt + new tokens), "
+                                                       "capped at the model's context length.")
+    prefill_tokens: int = Field(256, ge=1, description="SMELT_PREFILL_TOKENS: prompt tokens prefilled per step between "
+                                                        "decode steps (a long prompt goes in chunks).")
+    warm_rows: int = Field(4, ge=1, description="SMELT_WARM_ROWS: batch sizes up to this are compiled at start; "
+                                                "larger ones compile when load first needs them.")
 
 
 class Busy(RuntimeError):
@@ -45,43 +55,67 @@ class Busy(RuntimeError):
         self.retry_after = retry_after
 
 
-class TokenStream(TextIteratorStreamer):
-    """Text chunks as tokens are accepted, plus when the first one arrived (time to first token)."""
+class TextStream:
+    """Text pieces of one request as they are decided, ending with END; iterate it blocking or async."""
 
-    def __init__(self, tokenizer, timeout: float = 300.0):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
-        self.t0 = time.perf_counter()
-        self.first: float | None = None
+    def __init__(self, loop: asyncio.AbstractEventLoop | None):
+        self.loop = loop
+        self.items: asyncio.Queue | queue.Queue = asyncio.Queue() if loop is not None else queue.Queue()
 
-    def put(self, value) -> None:
-        if not self.next_tokens_are_prompt and self.first is None:
-            self.first = time.perf_counter() - self.t0
-        super().put(value)
+    def put(self, item) -> None:
+        if self.loop is None:
+            self.items.put(item)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is reading any more
+            pass
+
+    def __iter__(self):
+        while (item := self.items.get()) is not END:
+            yield item
+
+    async def __aiter__(self):
+        while (item := await self.items.get()) is not END:
+            yield item
 
 
 @dataclass
 class Job:
     prompt_text: str
     params: SamplingParams
-    stream: TokenStream | None = None
+    stream: TextStream | None = None
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
+    seq: Sequence | None = None
+    cancelled: bool = False
+    first_at: float | None = None
+    last_at: float | None = None
+    text: str = ""  # decoded so far (streamed requests and stop strings only)
+    sent: int = 0  # characters of `text` streamed
+
+    def cancel(self) -> None:
+        """The client went away: free the row before the next step (callable from any thread)."""
+        self.cancelled = True
+        if self.seq is not None:
+            self.seq.cancel()
 
 
 class Engine:
     def __init__(self, candidate: Candidate, cfg: EngineConfig, metrics=None):
         self.candidate, self.cfg, self.metrics = candidate, cfg, metrics
+        self.batcher = candidate.batcher(cfg.max_batch_size, min(cfg.max_seq_len, candidate.context_length), cfg.prefill_tokens)
         self.jobs: deque[Job] = deque()
+        self.running: dict[int, Job] = {}  # id(seq) -> job
         self.wake = threading.Condition()
         self.outstanding = 0
-        self.greedy_draft_requests = 0
         self.closed = False
         # Request threads count tokens on a copy: a fast tokenizer's padding setting is state on the shared
-        # Rust object, so an unpadded call from another thread can switch padding off between the engine
-        # thread's `enable_padding` and its batch encode (seen: HTTP 500s "Unable to create tensor" under
-        # load when a batch held prompts of different lengths).
+        # Rust object, so an unpadded call from another thread can switch padding off between another
+        # thread's `enable_padding` and its batch encode (seen: HTTP 500s "Unable to create tensor").
         self.counting_tokenizer = copy.deepcopy(candidate.tokenizer)
         self.counting_lock = threading.Lock()
+        self.warmed = Future()
         self.thread = threading.Thread(target=self.serve_forever, name="smelt-engine", daemon=True)
         self.thread.start()
 
@@ -92,18 +126,31 @@ class Engine:
             self.wake.notify_all()
         self.thread.join()
 
+    def warm_up(self) -> float:
+        """Wait until the engine thread has compiled the batch shapes up to `warm_rows`; seconds it took.
+        On the engine's thread: compiled graphs decode at full speed only in the thread that compiled them."""
+        return self.warmed.result()
+
     def prompt_tokens(self, prompt_text: str) -> int:
         """Tokens of a rendered prompt, counted from any thread but the engine's."""
         with self.counting_lock:
             return len(self.counting_tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
 
     def submit(self, prompt_text: str, params: SamplingParams, stream: bool = False) -> Job:
-        """Queue one request; raises Busy when the queue is full."""
-        job = Job(prompt_text, params, TokenStream(self.candidate.tokenizer) if stream else None)
+        """Queue one request; raises Busy when the queue is full. A streamed job's pieces go to an
+        asyncio queue when submitted from an event loop, else to a blocking one."""
+        loop = None
+        if stream:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+        job = Job(prompt_text, params, TextStream(loop) if stream else None)
         with self.wake:
             if self.closed:
                 raise RuntimeError("the engine is closed")
             if self.outstanding >= self.cfg.max_batch_size + self.cfg.max_queue:
+                self.count("rejected")
                 raise Busy(self.outstanding, self.cfg.retry_after_s)
             self.outstanding += 1
             self.jobs.append(job)
@@ -111,64 +158,100 @@ class Engine:
         return job
 
     def serve_forever(self) -> None:
-        while True:
-            batch = self.next_batch()
-            if not batch:  # closed and drained
-                return
-            try:
-                self.run(batch)
-            finally:
-                with self.wake:
-                    self.outstanding -= len(batch)
-
-    def next_batch(self) -> list[Job]:
-        """The oldest job, plus (after a short wait) queued jobs that can share its batch."""
-        with self.wake:
-            while not self.jobs and not self.closed:
-                self.wake.wait()
-            if not self.jobs:
-                return []
-            first = self.jobs.popleft()
-            if not self.can_batch(first):
-                return [first]
-            self.wake.wait_for(lambda: len(self.jobs) >= self.cfg.max_batch_size - 1, timeout=self.cfg.batch_wait_ms / 1000)
-            batch = [first]
-            for job in list(self.jobs):
-                if len(batch) < self.cfg.max_batch_size and self.can_batch(job):
-                    self.jobs.remove(job)
-                    batch.append(job)
-            return batch
-
-    def can_batch(self, job: Job) -> bool:
-        return job.stream is None and self.cfg.max_batch_size > 1 and self.candidate.batchable([job.params])
-
-    def run(self, batch: list[Job]) -> None:
         try:
-            if len(batch) == 1:
-                gens = [self.candidate.complete(batch[0].prompt_text, batch[0].params, streamer=batch[0].stream)]
-            else:
-                gens = self.candidate.complete_batch([j.prompt_text for j in batch], [j.params for j in batch])
-        except Exception as err:  # the request fails, the engine keeps serving
-            for job in batch:
-                if job.stream is not None:
-                    job.stream.end()
-                job.future.set_exception(err)
-            return
-        for job, gen in zip(batch, gens):  # a streamed request's time to first token came from its TokenStream
-            self.observe(job, gen, len(batch))
-            job.future.set_result(gen)
+            self.warmed.set_result(self.batcher.warm_up(self.cfg.warm_rows))
+        except Exception as err:  # a model that cannot run: every request will say why
+            self.warmed.set_exception(err)
+        while True:
+            with self.wake:
+                while not self.jobs and not self.running and not self.closed:
+                    self.wake.wait()
+                if self.closed and not self.jobs and not self.running:
+                    return
+                admitted = []
+                while self.jobs and self.batcher.has_free_row():
+                    admitted.append(self.jobs.popleft())
+                queued = len(self.jobs)
+            for job in admitted:
+                self.start(job)
+            if not self.running:
+                continue
+            if self.metrics is not None:
+                self.metrics.observe_step(len(self.running), queued)
+            try:
+                ended = self.batcher.step()
+            except Exception as err:  # the running requests fail, the engine keeps serving
+                ended = self.batcher.abort()
+                for seq in ended:
+                    self.fail(self.running.pop(id(seq)), err)
+                continue
+            for seq in ended:
+                self.finish(self.running.pop(id(seq)))
 
-    def observe(self, job: Job, gen: Generation, batch_size: int) -> None:
+    def start(self, job: Job) -> None:
+        """Give a queued job a row (a cancelled one is dropped, a bad one fails alone)."""
+        if job.cancelled:
+            self.count("cancelled")
+            return self.done(job, lambda: job.future.cancel())
+        try:
+            job.seq = Sequence(encode(self.candidate.tokenizer, job.prompt_text), job.params, lambda new: self.emit(job, new))
+            if job.params.grammar is not None:
+                job.seq.constraint = Constraint(job.params.grammar, self.candidate.tokenizer)
+            self.batcher.admit(job.seq)
+        except Exception as err:
+            return self.fail(job, err)
+        if job.cancelled:  # cancelled between the check and the Sequence: the flag was set on no seq
+            job.seq.cancel()
+        self.running[id(job.seq)] = job
+
+    def emit(self, job: Job, new: list[int]) -> bool:
+        """A round's new tokens of one job: timings, streamed text. True ends the job (a stop string)."""
+        now = time.perf_counter()
+        if job.first_at is None:
+            job.first_at = now
+            if self.metrics is not None:
+                self.metrics.observe_first_token(now - job.queued_at)
+        elif self.metrics is not None and new:
+            self.metrics.observe_inter_token((now - job.last_at) / len(new), len(new))
+        job.last_at = now
+        if job.stream is None and not job.params.stop:
+            return False
+        job.text = self.candidate.tokenizer.decode(job.seq.out, skip_special_tokens=True).lstrip()
+        safe, stopped = cut_at_stop(job.text, job.params.stop)
+        if job.stream is not None:
+            hold = 0 if stopped else max((len(s) - 1 for s in job.params.stop), default=0)
+            upto = len(safe) - hold
+            if safe.endswith("\ufffd"):  # an unfinished UTF-8 character: wait for its next bytes
+                upto = min(upto, len(safe) - 1)
+            if upto > job.sent:
+                job.stream.put(safe[job.sent:upto])
+                job.sent = upto
+        return stopped
+
+    def finish(self, job: Job) -> None:
+        seq = job.seq
+        if seq.finish_reason == "cancelled":
+            self.count("cancelled")
+        gen = Generation(seq.out, time.perf_counter() - job.queued_at,
+                         None if job.first_at is None else job.first_at - job.queued_at, prompt_tokens=len(seq.prompt),
+                         proposed=seq.proposed, accepted=seq.accepted)
+        gen = finish(self.candidate.tokenizer, gen, job.params)
+        if job.stream is not None and len(gen.text) > job.sent:  # what was held back for a stop string
+            job.stream.put(gen.text[job.sent:])
         if self.metrics is not None:
-            self.metrics.observe(gen, time.perf_counter() - job.queued_at, batch_size, self.sampled_acceptance(job, gen))
+            self.metrics.observe(gen, gen.seconds, gen.acceptance)
+        self.done(job, lambda: job.future.set_result(gen))
 
-    def sampled_acceptance(self, job: Job, gen: Generation) -> float | None:
-        """Draft acceptance of a greedy request, measured for every ACCEPTANCE_EVERY-th one (the first
-        included): it costs a draft forward over the whole sequence, on the engine thread."""
-        if self.candidate.draft is None or job.params.temperature > 0 or not gen.token_ids:
-            return None
-        self.greedy_draft_requests += 1
-        if self.greedy_draft_requests % ACCEPTANCE_EVERY != 1:
-            return None
-        prompt_ids = encode(self.candidate.tokenizer, job.prompt_text)
-        return draft_acceptance(self.candidate.draft, [prompt_ids], [gen.token_ids])
+    def fail(self, job: Job, err: Exception) -> None:
+        self.done(job, lambda: job.future.set_exception(err))
+
+    def done(self, job: Job, settle) -> None:
+        if job.stream is not None:
+            job.stream.put(END)
+        settle()
+        with self.wake:
+            self.outstanding -= 1
+
+    def count(self, event: str) -> None:
+        if self.metrics is not None:
+            self.metrics.count_event(event)

@@ -27,7 +27,7 @@ from models.kvcache import SlotCache
 SMALL_M = 8  # rows up to which a CPU matmul becomes inductor's own loop (decode steps, verify, batches <= 8)
 
 
-def small_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None):
+def small_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None, max_rows: int = SMALL_M):
     """a [m, k] @ b [k, n] for a few rows on the CPU, as a multiply and a sum over k.
 
     A decode step's linear layers are matrix-vector products. Left as `aten.mm`, each is one call
@@ -38,12 +38,12 @@ def small_matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None
     int8 kernels) keep their usual lowering.
     """
     if (a.device.type != "cpu" or out_dtype is not None or not a.is_floating_point() or a.dtype != b.dtype
-            or a.shape[0] > SMALL_M):
+            or a.shape[0] > max_rows):
         return NotImplemented
     return (a.unsqueeze(2) * b.unsqueeze(0)).sum(dim=1)  # [m, k, 1] * [1, k, n] -> [m, n]
 
 
-def inductor_small_matmul(gm, example_inputs):
+def inductor_small_matmul(gm, example_inputs, max_rows: int = SMALL_M):
     """torch.compile backend: inductor with `small_matmul` in its decomposition table, and its C++
     wrapper unless the graph calls smelt's own ops (`calls_smelt_ops`).
 
@@ -54,7 +54,7 @@ def inductor_small_matmul(gm, example_inputs):
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
-    table = {**select_decomp_table(), torch.ops.aten.mm.default: small_matmul}
+    table = {**select_decomp_table(), torch.ops.aten.mm.default: functools.partial(small_matmul, max_rows=max_rows)}
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, decompositions=table, config_patches={"cpp_wrapper": not calls_smelt_ops(gm)})
 
@@ -66,7 +66,7 @@ def calls_smelt_ops(gm) -> bool:
     return any(str(getattr(n, "target", "")).startswith("smelt.") for n in gm.graph.nodes)
 
 
-def compile_step(fn):
+def compile_step(fn, max_rows: int = SMALL_M):
     """`fn` under torch.compile for fixed shapes: inductor with small matmuls as its own loops
     (`small_matmul`) and a C++ wrapper around the kernels.
 
@@ -76,7 +76,39 @@ def compile_step(fn):
     back to eager, so the limit is raised for processes that hold several models (the benchmark).
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=False, backend=inductor_small_matmul)
+    backend = inductor_small_matmul if max_rows == SMALL_M else functools.partial(inductor_small_matmul, max_rows=max_rows)
+    return torch.compile(fn, dynamic=False, backend=backend)
+
+
+class GuardSkipper:
+    """Runs compiled steps; once a shape has compiled, skips re-checking dynamo's guards on every call.
+
+    The guards (every parameter and cache tensor of the model) cost more than the step itself
+    on a small model. The arguments of a warm shape differ only in tensor values, which the
+    guards do not look at, so checking only the guards that tell compiled entries apart is safe.
+    """
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        self.warm: set[tuple] = set()
+        self.guarded: set[tuple] = set()  # warm shapes whose entry the reduced guard set failed to pick
+
+    def __call__(self, fn, *args):
+        key = (fn, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        if not self.compiled or key not in self.warm or key in self.guarded:
+            self.warm.add(key)
+            return fn(*args)
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return fn(*args)
+        except RuntimeError as err:
+            if "skip_guard_eval_unsafe" not in str(err):
+                raise
+            # Several runners compiled this same step code (evaluation keeps a run's candidates loaded
+            # together, and engines come and go); when the reduced guard set cannot pick this runner's
+            # entry, dynamo refuses before running anything: from now on check every guard for it.
+            self.guarded.add(key)
+            return fn(*args)
 
 
 class Runner:
@@ -97,8 +129,7 @@ class Runner:
         self.mask = torch.ones(batch, max_len, dtype=torch.long, device=self.device) if batch > 1 else None
         self._step = compile_step(self.next_tokens) if compile else self.next_tokens
         self._propose = compile_step(self.propose_tokens) if compile else self.propose_tokens
-        self.warm: set[tuple] = set()
-        self.guarded: set[tuple] = set()  # warm shapes whose entry the reduced guard set failed to pick
+        self.calls = GuardSkipper(compile)
 
     @property
     def device(self) -> torch.device:
@@ -124,29 +155,6 @@ class Runner:
             guesses.append(last)
         return torch.cat(guesses, dim=1)
 
-    def call(self, fn, *args):
-        """Run a step; once a shape has compiled, skip re-checking dynamo's guards on every call.
-
-        The guards (every parameter and cache tensor of the model) cost more than the step itself
-        on a small model. The arguments of a warm shape differ only in tensor values, which the
-        guards do not look at, so checking only the guards that tell compiled entries apart is safe.
-        """
-        key = (fn, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
-        if not self.compiled or key not in self.warm or key in self.guarded:
-            self.warm.add(key)
-            return fn(*args)
-        try:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return fn(*args)
-        except RuntimeError as err:
-            if "skip_guard_eval_unsafe" not in str(err):
-                raise
-            # Several runners compiled this same step code (evaluation keeps a run's candidates loaded
-            # together, and engines come and go); when the reduced guard set cannot pick this runner's
-            # entry, dynamo refuses before running anything: from now on check every guard for it.
-            self.guarded.add(key)
-            return fn(*args)
-
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Clear the cache and run up to `batch` prompts, left-padded to the longest; the greedy token
         after each row [batch]. Rows past the prompts repeat the first (their tokens are dropped)."""
@@ -167,11 +175,11 @@ class Runner:
 
     def run(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Feed ids [batch, n] at slots start.. (a fixed-shape step); the greedy token after each [batch, n]."""
-        return self.call(self._step, ids, torch.tensor(start, device=self.device))
+        return self.calls(self._step, ids, torch.tensor(start, device=self.device))
 
     def propose(self, last: torch.Tensor, start: int, k: int) -> torch.Tensor:
         """The k greedy guesses after `last` [batch, 1] at slot `start`, in one step [batch, k]."""
-        return self.call(self._propose, last, torch.tensor(start, device=self.device), k)
+        return self.calls(self._propose, last, torch.tensor(start, device=self.device), k)
 
 
 def check_room(runner: Runner, prompt_len: int, max_new_tokens: int, lookahead: int = 0) -> None:
@@ -247,29 +255,6 @@ def speculative_decode(target: Runner, draft: Runner, prompt_ids: list[int], max
                       proposed=proposed, accepted=accepted)
 
 
-@torch.inference_mode()
-def greedy_decode_batch(runner: Runner, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Generation]:
-    """Greedy-decode up to `runner.batch` prompts together: one compiled [batch, 1] step per new token
-    for all rows. Returns one Generation per prompt (its own tokens, cut at its EOS)."""
-    width = max(map(len, prompts), default=0)
-    check_room(runner, width, max_new_tokens)
-    t0 = time.perf_counter()
-    nxt = runner.prefill(prompts)[:, None]  # [batch, 1]
-    first = time.perf_counter() - t0
-    out = [nxt]
-    ended = nxt == (eos if eos is not None else -1)  # [batch, 1]: rows that have emitted EOS
-    for t in range(1, max_new_tokens):
-        if bool(ended.all()):
-            break
-        nxt = runner.run(nxt, width + t - 1)
-        out.append(nxt)
-        ended |= nxt == (eos if eos is not None else -1)
-    seconds = time.perf_counter() - t0
-    tokens = torch.cat(out, 1).tolist()  # [batch, new]
-    return [Generation(cut(tokens[i], max_new_tokens, eos), seconds, first, prompt_tokens=len(p))
-            for i, p in enumerate(prompts)]
-
-
 def settle_garbage_collector() -> None:
     """Collect once, then exempt every object alive now (models, compiled graphs) from later collections.
 
@@ -291,10 +276,11 @@ def unfreeze_at_exit() -> None:
 
 class CompiledDecoder:
     """smelt's compiled static-cache loop as a `Decoder` (models/decoding.py): greedy requests without
-    stop strings (it has no sampler and no stop check), speculative with a draft, batched without one.
+    stop strings (it has no sampler and no stop check), speculative with a draft; one request at a time
+    (concurrent requests are the continuous batch's, models/batching.py).
 
     Runners for the target (and its draft) are built on first use per cache size (prompt + new
-    tokens, rounded up to `bucket` slots) and per batch size (rounded up to a power of two). Each
+    tokens, rounded up to `bucket` slots). Each
     runner compiles its few shapes as it is built, so a request never waits on a compile halfway
     through its tokens."""
 
@@ -335,12 +321,6 @@ class CompiledDecoder:
             return greedy_decode(target, prompt_ids, max_new_tokens, eos, on_token)
         return speculative_decode(target, self.runner("draft", 1, need), prompt_ids, max_new_tokens, eos, self.k, on_token)
 
-    def decode_batch(self, prompts: list[list[int]], max_new_tokens: int, eos: int | None) -> list[Generation]:
-        """Greedy, the target alone (speculative decoding is batch-1 here, as in transformers)."""
-        batch = 1 << (len(prompts) - 1).bit_length()
-        return greedy_decode_batch(self.runner("target", batch, max(map(len, prompts)) + max_new_tokens),
-                                   prompts, max_new_tokens, eos)
-
     def accepts(self, params: SamplingParams) -> bool:
         return params.temperature <= 0 and not params.stop
 
@@ -354,14 +334,3 @@ class CompiledDecoder:
         if streamer is not None:
             streamer.end()
         return finish(self.tokenizer, out, params)
-
-    def batches(self, params: list[SamplingParams]) -> bool:
-        return self.draft is None and all(map(self.accepts, params))
-
-    def complete_batch(self, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
-        """Runs to the longest max_new_tokens asked for and cuts each row to its own."""
-        eos = self.tokenizer.eos_token_id
-        outs = self.decode_batch([encode(self.tokenizer, t) for t in prompt_texts], max(p.max_new_tokens for p in params), eos)
-        for o, p in zip(outs, params):
-            o.token_ids = cut(o.token_ids, p.max_new_tokens, eos)
-        return [finish(self.tokenizer, o, p) for o, p in zip(outs, params)]

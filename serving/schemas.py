@@ -9,7 +9,37 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field("response", min_length=1)
+    schema_: dict = Field(..., alias="schema", description="A JSON Schema the answer must validate against.")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON valid under a schema
+    (enforced while decoding: tokens that would break it are never chosen)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a `json_schema` object with a `schema`")
+        return self
+
+    def schema(self) -> dict | None:
+        """The schema to enforce: None for text, any object for json_object."""
+        if self.type == "text":
+            return None
+        return self.json_schema.schema_ if self.type == "json_schema" else {"type": "object"}
 
 
 class SamplingFields(BaseModel):
@@ -27,9 +57,9 @@ class SamplingFields(BaseModel):
     # Accepted by OpenAI but not served here: refused by name rather than silently ignored.
     logprobs: bool | int | None = None
     tools: list | None = None
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
 
-    @field_validator("logprobs", "tools", "response_format")
+    @field_validator("logprobs", "tools")
     @classmethod
     def _unsupported(cls, v, info):
         if v:
@@ -65,8 +95,24 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] = Field(..., description="Text, or a list of text parts {type: text, text}.")
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, v):
+        for i, part in enumerate(v if isinstance(v, list) else []):
+            if part.get("type") != "text":
+                raise ValueError(f"content part {i} has type {part.get('type')!r}, which is not supported: this model reads "
+                                 "text parts only")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} (type text) needs a string `text`")
+        return v
+
+    def as_dict(self) -> dict:
+        """role and plain-text content; text parts joined by newlines (as the ETL joins them for training)."""
+        text = self.content if isinstance(self.content, str) else "\n".join(p["text"] for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -48,10 +48,10 @@ class SmeltService:
         cfg.model_id = cfg.model_id or labels.get("registered_model") or self.model_ref.tag.name
         cfg.model_version = cfg.model_version or labels.get("mlflow_version")
         self.candidate = load_candidate(Path(self.model_ref.path), resolve_device(cfg.device))
-        # Compile and allocate before /readyz says yes, on the engine's thread: a compiled candidate's
-        # graphs decode at full speed only in the thread that compiled them (models/fastgen.py).
+        # Compile the batch shapes up to SMELT_WARM_ROWS and allocate the cache before /readyz says yes,
+        # on the engine's thread: compiled graphs decode at full speed only in the thread that compiled them.
         self.engine = Engine(self.candidate, cfg)
-        self.engine.submit(render_prompt(self.candidate.tokenizer, "warm-up"), SamplingParams(2)).future.result()
+        self.engine.warm_up()
         self.engine.metrics = Metrics()  # counted from the first real request
         openai_app.state.engine = self.engine
 

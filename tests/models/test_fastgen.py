@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.fastgen import CompiledDecoder, Runner, greedy_decode, greedy_decode_batch, speculative_decode
+from models.fastgen import CompiledDecoder, Runner, greedy_decode, speculative_decode
 
 PROMPTS = ["Return the value of the", "Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups.",
            "x", "The module provides"]
@@ -112,19 +112,6 @@ def test_a_built_decoder_is_exempt_from_later_garbage_collections(target, tokeni
 def test_a_prompt_too_long_for_the_cache_is_refused(target, tokenizer):
     with pytest.raises(ValueError, match=r"needs 40 cache positions; the static cache has 32"):
         greedy_decode(Runner(target, max_len=32), list(range(16)), 24, None)
-
-
-@pytest.mark.parametrize("compile", [False, True])
-def test_batched_decode_matches_batched_generate(target, tokenizer, compile):
-    """Rows of different lengths, left-padded like transformers pads them, and a batch not full."""
-    enc = tokenizer(PROMPTS[:3], padding=True, padding_side="left", return_tensors="pt")
-    eos = eos_of(reference(target, tokenizer(PROMPTS[0])["input_ids"], None))
-    want = target.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    runner = Runner(target, max_len=96, batch=4, compile=compile)
-    got = greedy_decode_batch(runner, [tokenizer(p)["input_ids"] for p in PROMPTS[:3]], MAX_NEW, eos)
-    for row, g in zip(want[:, enc["input_ids"].shape[1]:].tolist(), got):
-        assert g.token_ids == (row[: row.index(eos) + 1] if eos in row else row)
-    assert any(eos in g.token_ids for g in got) and not all(len(g.token_ids) == MAX_NEW for g in got)
 
 
 def test_the_cache_writes_only_the_slots_it_is_given(target):

@@ -39,7 +39,7 @@ def candidates(varied_model_dir, tiny_draft_dir, tmp_path_factory):
 def make_client(candidate, **cfg):
     registry = CollectorRegistry()
     app = create_app()
-    app.state.engine = Engine(candidate, ServeConfig(model_id="tiny", **cfg), Metrics(registry))
+    app.state.engine = Engine(candidate, ServeConfig(model_id="tiny", **{"warm_rows": 1, **cfg}), Metrics(registry))
     return TestClient(app), registry
 
 
@@ -113,6 +113,15 @@ def test_sampling_with_a_seed_repeats_and_differs_from_greedy(client):
 
 BAD = [
     ({"content": b"{not json"}, "not valid JSON"),
+    ({"content": b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}'}, "not valid JSON"),
+    ({"json": {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}},
+     "type 'image_url', which is not supported"),
+    ({"json": {"model": "tiny", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+               "messages": [{"role": "user", "content": "hi"}]}}, "JSON schema"),
+    ({"json": {"model": "tiny", "response_format": {"type": "json_schema"}, "messages": [{"role": "user", "content": "hi"}]}},
+     "needs a `json_schema`"),
+    ({"json": {"model": "tiny", "response_format": {"type": "xml"}, "messages": [{"role": "user", "content": "hi"}]}},
+     "response_format"),
     ({"json": {"model": "tiny", "messages": []}}, "messages"),
     ({"json": {"model": "tiny", "messages": [{"role": "user", "content": 5}]}}, "content"),
     ({"json": {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}}, "role"),
@@ -155,20 +164,74 @@ def test_a_full_queue_answers_429_with_retry_after(candidates):
     assert chat(client, max_tokens=2).status_code == 200  # served again once the queue drained
 
 
-@pytest.mark.parametrize("recipe", ["plain", "plain-compiled"])
-def test_concurrent_greedy_requests_are_batched_and_answer_as_alone(candidates, recipe):
+@pytest.mark.parametrize("recipe", ["plain", "draft-compiled"])
+def test_concurrent_requests_of_every_kind_share_the_batch_and_answer_as_alone(candidates, recipe):
+    """Streamed and whole, greedy and seeded-sampled, in one running batch: each answers as it does alone."""
     cand = candidates[recipe]
     registry = CollectorRegistry()
-    engine = Engine(cand, ServeConfig(model_id="tiny", max_batch_size=4, batch_wait_ms=500), Metrics(registry))
-    prompts = [PROMPT, "The quick brown fox", "def foo(x): return x + 1", "Name the day: Monday"]
-    alone = [cand.generate(p, 12) for p in prompts]
-    jobs = [engine.submit(render_prompt(cand.tokenizer, p), SamplingParams(12)) for p in prompts]
+    engine = Engine(cand, ServeConfig(model_id="tiny", max_batch_size=4, warm_rows=4), Metrics(registry))
+    prompts = [render_prompt(cand.tokenizer, p) for p in (PROMPT, "The quick brown fox", "def foo(x): return x + 1", "Name the day")]
+    params = [SamplingParams(12), SamplingParams(12, temperature=1.0, seed=5), SamplingParams(12), SamplingParams(12)]
+    alone = []
+    for p, sp in zip(prompts, params):
+        alone.append(engine.submit(p, sp).future.result(timeout=120))
+    jobs = [engine.submit(p, sp, stream=i % 2 == 0) for i, (p, sp) in enumerate(zip(prompts, params))]
+    streamed = {i: "".join(j.stream) for i, j in enumerate(jobs) if j.stream is not None}
     together = [j.future.result(timeout=120) for j in jobs]
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
-    assert [g.token_ids for g in alone] == [candidates["plain"].generate(p, 12).token_ids for p in prompts]
-    # each of the 4 requests was decoded in a batch of 4
-    assert registry.get_sample_value("smelt_batch_size_sum") == 16 and registry.get_sample_value("smelt_batch_size_count") == 4
-    assert registry.get_sample_value("smelt_generated_tokens_total") == sum(g.new_tokens for g in alone)
+    assert all(streamed[i] == together[i].text for i in streamed)
+    greedy = [0, 2, 3]
+    assert [alone[i].token_ids for i in greedy] == [candidates["plain"].generate(p, 12).token_ids
+                                                    for p in (PROMPT, "def foo(x): return x + 1", "Name the day")]
+    steps, rows = registry.get_sample_value("smelt_batch_size_count"), registry.get_sample_value("smelt_batch_size_sum")
+    assert rows / steps > 1.5  # the batch ran several requests at once for most of its steps
+    assert registry.get_sample_value("smelt_generated_tokens_total") == sum(g.new_tokens for g in alone + together)
+    assert registry.get_sample_value("smelt_inter_token_seconds_count") > 0
+
+
+def test_a_dropped_stream_frees_its_row(candidates):
+    """A client that leaves after the first chunk: its request is cancelled and the next one is served."""
+    client, registry = make_client(candidates["plain"], max_batch_size=1, max_queue=0)
+    with client.stream("POST", "/chat/completions", json={"model": "tiny", "stream": True, "max_tokens": 400,
+                                                          "messages": [{"role": "user", "content": PROMPT}]}) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    engine = client.app.state.engine
+    for _ in range(100):
+        if engine.outstanding == 0:
+            break
+        threading.Event().wait(0.05)
+    assert engine.outstanding == 0 and registry.get_sample_value("smelt_engine_requests_total", {"event": "cancelled"}) == 1
+    assert chat(client, max_tokens=2).status_code == 200
+
+
+def test_content_as_text_parts_equals_plain_content(client):
+    parts = [{"type": "text", "text": "Extract the city:"}, {"type": "text", "text": "Bob lives in Paris."}]
+    joined = chat(client[0], content="Extract the city:\nBob lives in Paris.").json()
+    assert chat(client[0], content=parts).json()["choices"][0]["message"] == joined["choices"][0]["message"]
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "qty": {"type": "integer", "minimum": 1,
+                                                                                                 "maximum": 99}},
+          "required": ["city", "qty"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("recipe", ["plain", "draft-compiled"])
+def test_json_schema_answers_always_validate(candidates, recipe):
+    import jsonschema
+
+    client, _ = make_client(candidates[recipe], max_batch_size=4)
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": SCHEMA}}
+    for i in range(20):
+        body = chat(client, content=f"Order {i}: {PROMPT}", max_tokens=60, response_format=fmt,
+                    **({"temperature": 1.0, "seed": i} if i % 2 else {})).json()
+        jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), SCHEMA)
+    anything = chat(client, max_tokens=60, response_format={"type": "json_object"}).json()["choices"][0]
+    assert anything["finish_reason"] == "stop" and isinstance(json.loads(anything["message"]["content"]), dict)
+
+
+def test_unknown_routes_and_server_errors_use_openais_error_shape(client):
+    r = client[0].get("/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
 def test_metrics_record_tokens_ttft_and_draft_acceptance(candidates):
