@@ -30,15 +30,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from models.decoding import SamplingParams, cut
-from models.fastgen import GuardSkipper, compile_step
+from models.fastgen import GuardSkipper, compile_step, raise_recompile_limit
 from models.structured import Constraint
 
 MIN_SLOTS_BUCKET = 128
 
 
 class RowLayer(CacheLayerMixin):
-    """One layer's keys and values [rows, kv_heads, max_len, head_dim]; a forward writes rows
-    first..first+b at per-row slots and attends to the first `length` slots of those rows."""
+    """One layer's keys and values [rows, kv_heads, max_len, head_dim]; a forward writes some rows at
+    per-row slots and attends to the first `length` slots of those rows."""
 
     is_compileable = True
     is_sliding = False
@@ -56,23 +56,22 @@ class RowLayer(CacheLayerMixin):
             torch._dynamo.mark_static_address(self.values)
         self.is_initialized = True
 
-    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, first: int, slots: torch.Tensor, length: int):
-        """key/value states [b, kv_heads, n, head_dim] at slots [b, n] of rows first..first+b;
-        returns those rows' first `length` slots for attention."""
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor,
+              length: int):
+        """key/value states [b, kv_heads, n, head_dim] at slots [b, n] of rows 0..b (`rows` None: a decode
+        step) or of the given rows [b] (a prefill, eager); returns those rows' first `length` slots."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, heads, n, dim = key_states.shape
-        if first == 0:  # a step over rows 0..b: scatter into the whole cache (index [b, ...] touches only those
-            # rows); writing through a slice of it made inductor copy the cache around the write (18 ms vs 6)
-            rows = torch.arange(b, device=slots.device)[:, None, None]  # [b, 1, 1]
-            index = (rows, torch.arange(heads, device=slots.device)[None, :, None], slots[:, None, :])  # -> [b, heads, n]
-            self.keys.index_put_(index, key_states)
-            self.values.index_put_(index, value_states)
-        else:  # one row's prefill chunk (eager): consecutive slots
-            self.keys[first].index_copy_(1, slots[0], key_states[0])
-            self.values[first].index_copy_(1, slots[0], value_states[0])
-        keys, values = self.keys[first:first + b], self.values[first:first + b]
-        return keys[:, :, :length], values[:, :, :length]
+        row_index = torch.arange(b, device=slots.device) if rows is None else rows
+        # index_put_ on the whole cache: written through a slice of it, inductor copied the cache around
+        # the write (8 rows: 18 ms a step instead of 3.6), and scatter_ did the same
+        index = (row_index[:, None, None], torch.arange(heads, device=slots.device)[None, :, None], slots[:, None, :])
+        self.keys.index_put_(index, key_states)  # index -> [b, heads, n]
+        self.values.index_put_(index, value_states)
+        if rows is None:
+            return self.keys[:b, :, :length], self.values[:b, :, :length]
+        return self.keys[rows, :, :length], self.values[rows, :, :length]
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise TypeError("a RowLayer is written through RowCache.update, which knows the rows and slots")
@@ -97,28 +96,29 @@ class RowCache(Cache):
             raise ValueError(f"smelt's batch cache holds full-attention layers only, not {odd}")
         super().__init__(layers=[RowLayer(rows, max_len) for _ in range(text.num_hidden_layers)])
         self.rows, self.max_len = rows, max_len
-        self.first, self.length, self.slots = 0, max_len, torch.zeros(1, 1, dtype=torch.long)
+        self.rows, self.length, self.slots = None, max_len, torch.zeros(1, 1, dtype=torch.long)
 
-    def window(self, first: int, slots: torch.Tensor, length: int) -> RowCache:
-        """The next forward writes rows first..first+b at slots [b, n] and attends to `length` slots."""
-        self.first, self.slots, self.length = first, slots, length
+    def window(self, rows: torch.Tensor | None, slots: torch.Tensor, length: int) -> RowCache:
+        """The next forward writes rows 0..b (None) or rows [b] at slots [b, n] and attends to `length` slots."""
+        self.rows, self.slots, self.length = rows, slots, length
         return self
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        return self.layers[layer_idx].write(key_states, value_states, self.first, self.slots, self.length)
+        return self.layers[layer_idx].write(key_states, value_states, self.rows, self.slots, self.length)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
 
 
-def forward_rows(model, cache: RowCache, ids: torch.Tensor, pos: torch.Tensor, first: int, length: int) -> torch.Tensor:
-    """ids [b, n] at slots pos..pos+n-1 of each row (pos [b]) in rows first..first+b; logits [b, n, vocab].
+def forward_rows(model, cache: RowCache, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None,
+                 length: int) -> torch.Tensor:
+    """ids [b, n] at slots pos..pos+n-1 of each row (pos [b]) in rows 0..b (None) or `rows` [b]; logits [b, n, vocab].
     Each query sees its own row's slots up to its own: the mask [b, 1, n, length]."""
     n = ids.shape[1]
     slots = pos[:, None] + torch.arange(n, device=ids.device)  # [b, n]
     mask = torch.arange(length, device=ids.device)[None, None, :] <= slots[:, :, None]  # [b, n, length]
     return model(input_ids=ids, position_ids=slots, attention_mask=mask[:, None], use_cache=True,
-                 past_key_values=cache.window(first, slots, length)).logits
+                 past_key_values=cache.window(rows, slots, length)).logits
 
 
 class Stepper:
@@ -139,16 +139,16 @@ class Stepper:
 
     def step_fn(self, ids: torch.Tensor, pos: torch.Tensor, length: int):
         """ids [b, n] for rows 0..b; (logits [b, n, vocab], greedy tokens [b, n])."""
-        logits = forward_rows(self.model, self.cache, ids, pos, 0, length)
+        logits = forward_rows(self.model, self.cache, ids, pos, None, length)
         return logits, logits.argmax(-1)
 
     def propose_fn(self, pair: torch.Tensor, pos: torch.Tensor, length: int, k: int) -> torch.Tensor:
         """k greedy guesses per row [b, k]: `pair` [b, 2] is each row's token before its last and its
         last (slots pos-1, pos: rewriting pos-1 catches the cache up after a fully accepted round)."""
-        guess = forward_rows(self.model, self.cache, pair, pos - 1, 0, length)[:, -1:].argmax(-1)  # [b, 1]
+        guess = forward_rows(self.model, self.cache, pair, pos - 1, None, length)[:, -1:].argmax(-1)  # [b, 1]
         guesses = [guess]
         for i in range(1, k):
-            guess = forward_rows(self.model, self.cache, guess, pos + i, 0, length).argmax(-1)
+            guess = forward_rows(self.model, self.cache, guess, pos + i, None, length).argmax(-1)
             guesses.append(guess)
         return torch.cat(guesses, dim=1)
 
@@ -161,11 +161,18 @@ class Stepper:
         return self.calls(fn, pair, pos, length, k)
 
     @torch.inference_mode()
-    def prefill(self, row: int, ids: list[int], start: int) -> torch.Tensor:
-        """Prompt tokens at slots start.. of one row (eager: prompt lengths vary); logits [n, vocab]."""
-        x = torch.tensor([ids], device=self.device)
-        pos = torch.tensor([start], device=self.device)
-        return forward_rows(self.model, self.cache, x, pos, row, start + len(ids))[0]
+    def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Prompt chunks into their rows at slots start.. in one eager forward (lengths vary), right-padded
+        to the longest: a padding position writes a slot its row writes again before reading it (the next
+        chunk, or the decode step at that position). Logits after each chunk's last token [len(rows), vocab]."""
+        width = max(map(len, chunks))
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, :len(c)] = torch.tensor(c)
+        pos = torch.tensor(starts, device=self.device)
+        logits = forward_rows(self.model, self.cache, ids.to(self.device), pos, torch.tensor(rows, device=self.device),
+                              max(starts) + width)
+        return logits[torch.arange(len(chunks)), torch.tensor([len(c) - 1 for c in chunks])]
 
 
 @dataclass
@@ -280,6 +287,8 @@ class Batcher:
     def step(self) -> list[Sequence]:
         """One scheduling step: drop cancelled rows, prefill within the token budget, decode every
         running row once. Returns the sequences that ended in this step."""
+        if not self.steps:
+            raise_recompile_limit()  # on the thread that steps (and compiles what warm-up did not)
         for seq in [s for s in self.rows.values() if s.cancelled.is_set()]:
             self.end(seq, "cancelled")
         self.prefill_waiting()
@@ -291,18 +300,26 @@ class Batcher:
         return ended
 
     def prefill_waiting(self) -> None:
-        budget = self.prefill_tokens
+        """Prompt chunks of the waiting rows, oldest rows first, `prefill_tokens` in all, in one forward
+        (reading the weights once for all of them: int8 weights are widened once per forward)."""
+        budget, picked = self.prefill_tokens, []
         for seq in sorted((s for s in self.rows.values() if s.filled < len(s.prompt)), key=lambda s: s.row):
-            if budget <= 0:
-                return
             chunk = seq.prompt[seq.filled:seq.filled + budget]
-            logits = self.target.prefill(seq.row, chunk, seq.filled)
-            if self.draft is not None:
-                self.draft.prefill(seq.row, chunk, seq.filled)
-            seq.filled += len(chunk)
+            width = max([len(chunk)] + [len(c) for _, c in picked])
+            if budget <= 0 or max([seq.filled] + [s.filled for s, _ in picked]) + width > self.max_len:
+                break  # (padding to the widest chunk must stay inside every row)
+            picked.append((seq, chunk))
             budget -= len(chunk)
+        if not picked:
+            return
+        rows, chunks, starts = [s.row for s, _ in picked], [c for _, c in picked], [s.filled for s, _ in picked]
+        logits = self.target.prefill(rows, chunks, starts)  # [picked, vocab]
+        if self.draft is not None:
+            self.draft.prefill(rows, chunks, starts)
+        for i, (seq, chunk) in enumerate(picked):
+            seq.filled += len(chunk)
             if seq.filled == len(seq.prompt):
-                self.accept(seq, [self.pick(seq, logits[None], 0, -1)])
+                self.accept(seq, [self.pick(seq, logits[None], 0, i)])
 
     def layout(self, running: list[Sequence], width: int) -> tuple[int, int, torch.Tensor]:
         """(rows b, attended slots, pos [b]) of a step `width` tokens wide. Rows that are not running
@@ -405,6 +422,7 @@ class Batcher:
     def warm_up(self, max_rows: int | None = None) -> float:
         """Compile (or run once) the step shapes of 1, 2, 4, ... rows at the smallest slot bucket, so
         the first requests do not wait on a compile; seconds taken."""
+        raise_recompile_limit()  # on this (the compiling) thread
         t0, eos, self.eos = time.perf_counter(), self.eos, None  # no EOS: every shape gets its decode step
         b = 1
         while b <= min(max_rows or self.slots, self.slots):

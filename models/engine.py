@@ -76,7 +76,18 @@ class TextStream:
             yield item
 
     async def __aiter__(self):
-        while (item := await self.items.get()) is not END:
+        """Pieces as they come; what piled up while the reader was busy comes as one piece (fewer events)."""
+        ended = False
+        while not ended:
+            item = await self.items.get()
+            if item is END:
+                return
+            while not self.items.empty():
+                more = self.items.get_nowait()
+                if more is END:
+                    ended = True
+                    break
+                item += more
             yield item
 
 

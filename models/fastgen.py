@@ -75,9 +75,16 @@ def compile_step(fn, max_rows: int = SMALL_M):
     code, and dynamo keeps a few entries per code object (8 by default) before it silently falls
     back to eager, so the limit is raised for processes that hold several models (the benchmark).
     """
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    raise_recompile_limit()
     backend = inductor_small_matmul if max_rows == SMALL_M else functools.partial(inductor_small_matmul, max_rows=max_rows)
     return torch.compile(fn, dynamic=False, backend=backend)
+
+
+def raise_recompile_limit() -> None:
+    """Let dynamo keep 64 compiled entries per step function (one per model, batch and slot bucket).
+    Call it on the thread that compiles too: dynamo's config is per thread (an engine thread that
+    compiled 9 batch shapes hit the default limit of 8 and fell back to eager)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 class GuardSkipper:

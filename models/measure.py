@@ -14,7 +14,7 @@ import torch
 
 from models.candidate import Candidate
 from models.decoding import Generation, SamplingParams
-from models.engine import Engine, EngineConfig
+from models.engine import Engine
 
 
 @lru_cache(maxsize=None)
@@ -76,20 +76,21 @@ class PeakMemory:
             self.peak_bytes = self.high - self.start
 
 
-def concurrent_throughput(candidate: Candidate, prompt_texts: list[str], max_new_tokens: int, streams: int = 8) -> dict:
+def concurrent_throughput(engine: Engine, prompt_texts: list[str], max_new_tokens: int, streams: int = 8) -> dict:
     """Aggregate new tokens/s when `streams` requests arrive together, served by the service's own
     engine (continuous batching of every request, speculative while the batch is small)."""
-    engine = Engine(candidate, EngineConfig(max_batch_size=streams, warm_rows=1))
-    try:
-        texts = [prompt_texts[i % len(prompt_texts)] for i in range(streams)]
-        for rnd in ("warm-up", "timed"):  # the first round pays one-off costs (a compiled candidate compiles its batch shapes)
-            t0 = time.perf_counter()
-            jobs = [engine.submit(t, SamplingParams(max_new_tokens)) for t in texts]
-            gens: list[Generation] = [j.future.result(timeout=600) for j in jobs]
-            seconds = time.perf_counter() - t0
-    finally:
-        engine.close()
+    texts = [prompt_texts[i % len(prompt_texts)] for i in range(streams)]
+    for rnd in ("warm-up", "timed"):  # the first round pays one-off costs (a compiled candidate compiles its batch shapes)
+        t0 = time.perf_counter()
+        gens = engine_outputs(engine, texts, [SamplingParams(max_new_tokens)] * len(texts))
+        seconds = time.perf_counter() - t0
     return {"concurrent_streams": streams, "concurrent_tokens_per_s": sum(g.new_tokens for g in gens) / seconds}
+
+
+def engine_outputs(engine: Engine, prompt_texts: list[str], params: list[SamplingParams]) -> list[Generation]:
+    """Every prompt through the engine at once (it runs as many as it has rows, queues the rest)."""
+    jobs = [engine.submit(t, p) for t, p in zip(prompt_texts, params)]
+    return [j.future.result(timeout=600) for j in jobs]
 
 
 def interleaved_speeds(candidates: list[Candidate], contexts: list, passes: int) -> list[dict]:

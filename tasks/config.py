@@ -66,6 +66,9 @@ class EvalConfig(StrictModel):
     max_samples: int = Field(48, ge=1, description="Eval-split rows each candidate is scored on.")
     device: Device = "auto"
     concurrent_streams: int = Field(8, ge=1, le=256, description="Requests sent together to measure aggregate tokens/s.")
+    json_constrained: bool = Field(False, description="Also answer every eval prompt with decoding constrained to a JSON "
+                                                      "object (the API's response_format json_object) and report its "
+                                                      "exact match: for tasks whose answers are JSON.")
     lm_eval_tasks: list[str] = Field(
         default_factory=list,
         description="EleutherAI lm-evaluation-harness tasks run on every plain candidate, e.g. [smelt-embedded, arc_easy]. "

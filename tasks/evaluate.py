@@ -19,10 +19,12 @@ from models.artifacts import artifact, digest, dir_size_bytes
 from models.candidate import assemble_candidate, load_candidate
 from models.chat import render_context, row_context, row_messages, tokenize_conversation
 from models.config import DecodeConfig
-from models.decoding import Generation, decode_rate
+from models.decoding import Generation, SamplingParams, decode_rate
 from models.device import resolve_device
-from models.measure import PeakMemory, concurrent_throughput, interleaved_speeds, memory_bandwidth, weight_bytes
+from models.engine import Engine, EngineConfig
+from models.measure import PeakMemory, concurrent_throughput, engine_outputs, interleaved_speeds, memory_bandwidth, weight_bytes
 from models.quant import quant_meta, quantize_model
+from models.structured import json_grammar
 from tasks.caching import STAGE_CACHE
 from tasks.config import EvalConfig
 from tasks.etl import DatasetVersion
@@ -175,8 +177,13 @@ def measure_candidate(candidate_dir: Path, rows: list[dict], split: str, cfg: Ev
         contexts = [row_context(r) for r in rows]
         cand.generate(contexts[0], max_new_tokens=4)  # warm-up: first call pays one-off allocation costs
         outputs = [cand.generate(c) for c in tqdm(contexts, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
-        concurrent = concurrent_throughput(cand, [render_context(cand.tokenizer, c) for c in contexts],
-                                           cand.recipe.max_new_tokens, cfg.concurrent_streams)
+        texts = [render_context(cand.tokenizer, c) for c in contexts]
+        engine = Engine(cand, EngineConfig(max_batch_size=cfg.concurrent_streams, warm_rows=1))
+        try:
+            concurrent = concurrent_throughput(engine, texts, cand.recipe.max_new_tokens, cfg.concurrent_streams)
+            constrained = constrained_accuracy(engine, texts, rows) if cfg.json_constrained else {}
+        finally:
+            engine.close()
     measured = {
         "candidate": candidate_dir.name,
         "path": str(candidate_dir),
@@ -191,11 +198,19 @@ def measure_candidate(candidate_dir: Path, rows: list[dict], split: str, cfg: Ev
         "perplexity": completion_perplexity(cand.model, cand.tokenizer, rows),
         **score(rows, outputs),
         **concurrent,
+        **constrained,
         "examples": [{"prompt": r["prompt"], "expected": r["completion"], "output": o.text} for r, o in zip(rows[:3], outputs[:3])],
     }
     measured.update(speed_of_memory(measured, candidate_dir / "model", device))
     measured["lm_eval"] = benchmark_candidate(cand, rows, cfg, home / "lm-eval" / candidate_dir.name)
     return cand, measured
+
+
+def constrained_accuracy(engine: Engine, texts: list[str], rows: list[dict]) -> dict:
+    """Exact match of the answers decoded under the API's `response_format: json_object` grammar."""
+    grammar = json_grammar({"type": "object"}, engine.candidate.tokenizer)
+    params = SamplingParams(engine.candidate.recipe.max_new_tokens, grammar=grammar)
+    return {"exact_match_json": score(rows, engine_outputs(engine, texts, [params] * len(texts)))["exact_match"]}
 
 
 def benchmark_candidate(cand, rows: list[dict], cfg: EvalConfig, workdir: Path) -> dict | None:

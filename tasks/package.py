@@ -30,7 +30,7 @@ from tasks.tracking import use_tracking
 
 BENTO_SOURCES = ("serving", "models")
 BENTO_PACKAGES = ["torch", "transformers", "tokenizers", "safetensors", "torchao", "accelerate", "bentoml", "pydantic",
-                  "pydantic-settings", "fastapi", "prometheus-client",
+                  "pydantic-settings", "fastapi", "prometheus-client", "llguidance",
                   "ninja"]  # ninja: torch builds smelt's int8 kernel (models/csrc) with it at load time
 
 

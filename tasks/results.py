@@ -93,6 +93,8 @@ class EvalReport(Result):
     field_accuracy: Annotated[float, Metric("field acc", "{:.1%}", listed=True)] = 0.0
     field_f1: Annotated[float, Metric("field F1", "{:.1%}", table=True, summary=True)] = 0.0
     perplexity: Annotated[Optional[float], Metric("ppl", "{:.2f}", table=True, summary=True)] = None
+    # the same rows answered with decoding constrained to a JSON object (eval.json_constrained)
+    exact_match_json: Annotated[Optional[float], Metric("EM json-constrained", "{:.1%}", table=True)] = None
     # speed at batch 1, and of concurrent requests through the serving engine
     # tokens_per_s: the median of interleaved timing passes (models/measure.py: interleaved_speeds);
     # the spread, (max - min) / median over those passes, says how far noise could move it

@@ -316,6 +316,15 @@ def test_openai_client_gets_the_pipelines_greedy_output(served):
     streamed = client.completions.create(model="smelt-micro-embedded", prompt="Bob from Oslo", max_tokens=8, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
     assert 0 < text.usage.completion_tokens <= 8
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"],
+              "additionalProperties": False}
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "who", "schema": schema}}):
+        answer = client.chat.completions.create(model="smelt-micro-embedded", messages=messages, max_tokens=48,
+                                                response_format=fmt).choices[0]
+        assert answer.finish_reason == "stop" and isinstance(json.loads(answer.message.content), dict), answer
+    parts = [{"type": "text", "text": example["prompt"]}]
+    assert client.chat.completions.create(model="smelt-micro-embedded", temperature=0, messages=[
+        {"role": "user", "content": parts}]).choices[0].message.content == example["output"]
 
 
 def test_bad_requests_get_4xx_and_the_service_keeps_serving(served):
@@ -339,7 +348,8 @@ def test_bad_requests_get_4xx_and_the_service_keeps_serving(served):
     assert client.chat.completions.create(**ok).choices[0].message.content is not None  # still serving
     assert httpx.get(f"{url}/livez").status_code == 200
     metrics = httpx.get(f"{url}/metrics").text
-    for name in ("smelt_generated_tokens_total", "smelt_time_to_first_token_seconds", "smelt_decode_tokens_per_second"):
+    for name in ("smelt_generated_tokens_total", "smelt_time_to_first_token_seconds", "smelt_decode_tokens_per_second",
+                 "smelt_inter_token_seconds", "smelt_queue_depth", "smelt_batch_size"):
         assert name in metrics
 
 

@@ -5,13 +5,12 @@ import json
 
 import jsonschema
 import pytest
-import torch
 
 from models.batching import Batcher, Sequence, lookup_proposal
 from models.decoding import SamplingParams
 from models.fastgen import Runner, greedy_decode
 from models.structured import Constraint, SchemaError, json_grammar
-from tests.models.test_fastgen import PROMPTS, noisy_copy, target, tokenizer  # noqa: F401 (shared fixtures)
+from tests.models.test_fastgen import PROMPTS, noisy_copy
 
 MAX_NEW = 20
 

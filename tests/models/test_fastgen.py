@@ -5,23 +5,13 @@ import gc
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from models.fastgen import CompiledDecoder, Runner, greedy_decode, speculative_decode
 
 PROMPTS = ["Return the value of the", "Extract name, city, item, qty and day as JSON.\nBob from Oslo ordered 3 cups.",
            "x", "The module provides"]
 MAX_NEW = 24
-
-
-@pytest.fixture(scope="module")
-def target(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def reference(model, prompt_ids: list[int], eos: int | None) -> list[int]:

@@ -105,11 +105,18 @@ def test_the_base_reference_is_the_base_weights_prompted_like_the_candidates(set
 
 
 def test_concurrent_requests_go_through_the_serving_engine_which_is_then_closed(setup):
+    from models.engine import Engine, EngineConfig
+
     _, _, cand = setup
     loaded = load_candidate(cand, torch.device("cpu"))
     before = {t.name for t in threading.enumerate()}
-    out = concurrent_throughput(loaded, ["a", "b", "c"], max_new_tokens=5, streams=8)
+    engine = Engine(loaded, EngineConfig(max_batch_size=8, warm_rows=1))
+    try:
+        out = concurrent_throughput(engine, ["a", "b", "c"], max_new_tokens=5, streams=8)
+    finally:
+        engine.close()
     assert out["concurrent_streams"] == 8 and out["concurrent_tokens_per_s"] > 0
+    assert engine.batcher.steps > 0 and not engine.batcher.rows  # decoded in the running batch, every row freed
     assert "smelt-engine" not in {t.name for t in threading.enumerate()} - before  # no engine thread left behind
 
 
