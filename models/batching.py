@@ -267,6 +267,9 @@ class Batcher:
     def has_free_row(self) -> bool:
         return bool(self.free)
 
+    def free_rows(self) -> int:
+        return len(self.free)
+
     def running(self) -> int:
         return len(self.rows)
 

@@ -179,9 +179,7 @@ class Engine:
                     self.wake.wait()
                 if self.closed and not self.jobs and not self.running:
                     return
-                admitted = []
-                while self.jobs and self.batcher.has_free_row():
-                    admitted.append(self.jobs.popleft())
+                admitted = [self.jobs.popleft() for _ in range(min(len(self.jobs), self.batcher.free_rows()))]
                 queued = len(self.jobs)
             for job in admitted:
                 self.start(job)

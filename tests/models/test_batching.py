@@ -103,8 +103,8 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_a_json_schema_is_met_by_every_answer(target, tokenizer, prompts, temperature):
     grammar = json_grammar(SCHEMA, tokenizer)
-    batcher = Batcher(target, tokenizer.eos_token_id, 4, 256, "draft", noisy_copy(target, 0.3, seed=1), k=3)
-    seqs = [Sequence(prompts[i % len(prompts)], SamplingParams(120, temperature=temperature, seed=i)) for i in range(20)]
+    batcher = Batcher(target, tokenizer.eos_token_id, 4, 512, "draft", noisy_copy(target, 0.3, seed=1), k=3)
+    seqs = [Sequence(prompts[i % len(prompts)], SamplingParams(300, temperature=temperature, seed=i)) for i in range(20)]
     for s in seqs:
         s.constraint = Constraint(grammar, tokenizer)
     run(batcher, seqs)

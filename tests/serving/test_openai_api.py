@@ -222,10 +222,10 @@ def test_json_schema_answers_always_validate(candidates, recipe):
     client, _ = make_client(candidates[recipe], max_batch_size=4)
     fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": SCHEMA}}
     for i in range(20):
-        body = chat(client, content=f"Order {i}: {PROMPT}", max_tokens=60, response_format=fmt,
+        body = chat(client, content=f"Order {i}: {PROMPT}", max_tokens=300, response_format=fmt,
                     **({"temperature": 1.0, "seed": i} if i % 2 else {})).json()
         jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), SCHEMA)
-    anything = chat(client, max_tokens=60, response_format={"type": "json_object"}).json()["choices"][0]
+    anything = chat(client, max_tokens=300, response_format={"type": "json_object"}).json()["choices"][0]
     assert anything["finish_reason"] == "stop" and isinstance(json.loads(anything["message"]["content"]), dict)
 
 
@@ -264,6 +264,15 @@ def test_engine_survives_a_failing_request(candidates):
         bad.future.result(timeout=60)
     ok = engine.submit("x", SamplingParams(2))
     assert ok.future.result(timeout=60).new_tokens >= 1
+
+
+def test_more_requests_than_rows_wait_for_a_row_and_all_answer(candidates):
+    engine = Engine(candidates["plain"], ServeConfig(model_id="tiny", max_batch_size=2, warm_rows=1), None)
+    try:
+        jobs = [engine.submit(render_prompt(engine.candidate.tokenizer, f"{PROMPT} {i}"), SamplingParams(6)) for i in range(7)]
+        assert all(j.future.result(timeout=120).new_tokens > 0 for j in jobs)
+    finally:
+        engine.close()
 
 
 def test_busy_is_raised_past_the_queue_limit(candidates):
