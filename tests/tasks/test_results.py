@@ -19,7 +19,8 @@ REGISTRY = RegistryResult(name="m", versions=["1"], chosen=0, reasons=["chosen: 
 
 def test_table_and_summary_columns_come_from_the_declarations_in_order():
     rows = candidate_rows([report(exact_match=0.75, tokens_per_s=812.4, ttft_s=0.0123, weight_bytes=10_400_000)], REGISTRY)
-    assert list(rows[0]) == ["version", "quant", "decoding", "exact match", "field F1", "ppl", "tok/s", "± spread", "decode tok/s",
+    assert list(rows[0]) == ["version", "quant", "decoding", "exact match", "field F1", "ppl", "EM json-constrained", "tok/s",
+                             "± spread", "decode tok/s",
                              "TTFT ms", "p50 s", "p95 s", "8-stream tok/s", "draft accept", "weights MB", "BW share",
                              "peak mem MB", "chosen", "why"]
     assert rows[0]["exact match"] == "75.0%" and rows[0]["tok/s"] == "812" and rows[0]["TTFT ms"] == "12.3"
