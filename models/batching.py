@@ -43,14 +43,15 @@ class RowLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, rows: int, max_len: int):
+    def __init__(self, rows: int, max_len: int, dtype: torch.dtype):
         super().__init__()
-        self.rows, self.max_len = rows, max_len
+        self.rows, self.max_len, self.dtype = rows, max_len, dtype
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # the model's dtype, not the first write's: a prefill under bf16 autocast writes bf16 states
         heads = key_states.shape[1]
-        self.keys = key_states.new_zeros(self.rows, heads, self.max_len, key_states.shape[-1])
-        self.values = value_states.new_zeros(self.rows, heads, self.max_len, value_states.shape[-1])
+        self.keys = key_states.new_zeros(self.rows, heads, self.max_len, key_states.shape[-1], dtype=self.dtype)
+        self.values = value_states.new_zeros(self.rows, heads, self.max_len, value_states.shape[-1], dtype=self.dtype)
         if not torch.compiler.is_compiling():  # fixed addresses: compiled steps update them in place
             torch._dynamo.mark_static_address(self.keys)
             torch._dynamo.mark_static_address(self.values)
@@ -67,8 +68,8 @@ class RowLayer(CacheLayerMixin):
         # index_put_ on the whole cache: written through a slice of it, inductor copied the cache around
         # the write (8 rows: 18 ms a step instead of 3.6), and scatter_ did the same
         index = (row_index[:, None, None], torch.arange(heads, device=slots.device)[None, :, None], slots[:, None, :])
-        self.keys.index_put_(index, key_states)  # index -> [b, heads, n]
-        self.values.index_put_(index, value_states)
+        self.keys.index_put_(index, key_states.to(self.dtype))  # index -> [b, heads, n]
+        self.values.index_put_(index, value_states.to(self.dtype))
         if rows is None:
             return self.keys[:b, :, :length], self.values[:b, :, :length]
         return self.keys[rows, :, :length], self.values[rows, :, :length]
@@ -90,11 +91,11 @@ class RowCache(Cache):
     """Per-layer `RowLayer`s and where the next forward writes (`window`). The forward is given a
     ready 4D mask, so transformers never asks this cache for lengths."""
 
-    def __init__(self, config, rows: int, max_len: int):
+    def __init__(self, config, rows: int, max_len: int, dtype: torch.dtype):
         text = config.get_text_config(decoder=True)
         if odd := sorted(set(getattr(text, "layer_types", None) or []) - {"full_attention"}):
             raise ValueError(f"smelt's batch cache holds full-attention layers only, not {odd}")
-        super().__init__(layers=[RowLayer(rows, max_len) for _ in range(text.num_hidden_layers)])
+        super().__init__(layers=[RowLayer(rows, max_len, dtype) for _ in range(text.num_hidden_layers)])
         self.rows, self.max_len = rows, max_len
         self.rows, self.length, self.slots = None, max_len, torch.zeros(1, 1, dtype=torch.long)
 
@@ -110,23 +111,39 @@ class RowCache(Cache):
         return 0
 
 
-def forward_rows(model, cache: RowCache, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None,
-                 length: int) -> torch.Tensor:
-    """ids [b, n] at slots pos..pos+n-1 of each row (pos [b]) in rows 0..b (None) or `rows` [b]; logits [b, n, vocab].
-    Each query sees its own row's slots up to its own: the mask [b, 1, n, length]."""
+def run_rows(model, cache: RowCache, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None, length: int):
+    """ids [b, n] at slots pos..pos+n-1 of each row (pos [b]) in rows 0..b (None) or `rows` [b] through
+    `model` (a causal LM, or its decoder); the model's output. Each query sees its own row's slots up
+    to its own: the mask [b, 1, n, length]."""
     n = ids.shape[1]
     slots = pos[:, None] + torch.arange(n, device=ids.device)  # [b, n]
     mask = torch.arange(length, device=ids.device)[None, None, :] <= slots[:, :, None]  # [b, n, length]
     return model(input_ids=ids, position_ids=slots, attention_mask=mask[:, None], use_cache=True,
-                 past_key_values=cache.window(rows, slots, length)).logits
+                 past_key_values=cache.window(rows, slots, length))
+
+
+def forward_rows(model, cache: RowCache, ids: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None,
+                 length: int) -> torch.Tensor:
+    """`run_rows` through the causal LM: logits [b, n, vocab]."""
+    return run_rows(model, cache, ids, pos, rows, length).logits
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [m, vocab] of final hidden states [m, hidden] through the LM head, in the head's dtype
+    (as the causal LM's forward makes them, logit soft-capping included)."""
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(head.weight.dtype) if hasattr(head, "weight") else hidden)
+    if cap := getattr(model.config, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 class Stepper:
     """A model with its `RowCache` and its step functions, compiled per shape when asked."""
 
-    def __init__(self, model, rows: int, max_len: int, compile: bool):
-        self.model, self.compiled = model, compile
-        self.cache = RowCache(model.config, rows, max_len)
+    def __init__(self, model, rows: int, max_len: int, compile: bool, prefill_dtype: torch.dtype | None = None):
+        self.model, self.compiled, self.prefill_dtype = model, compile, prefill_dtype
+        self.cache = RowCache(model.config, rows, max_len, model.dtype)
         # One row's linears as inductor's own loops (fastest for a decode step and a verify, models/fastgen.py);
         # several rows' through the BLAS (8 rows a step: 3.6 ms vs 8.3 ms as loops on the 12.2M base).
         self._step = {1: compile_step(self.step_fn), 2: compile_step(self.step_fn, max_rows=1)} if compile else None
@@ -164,15 +181,20 @@ class Stepper:
     def prefill(self, rows: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Prompt chunks into their rows at slots start.. in one eager forward (lengths vary), right-padded
         to the longest: a padding position writes a slot its row writes again before reading it (the next
-        chunk, or the decode step at that position). Logits after each chunk's last token [len(rows), vocab]."""
+        chunk, or the decode step at that position). Logits after each chunk's last token [len(rows), vocab].
+
+        Under `prefill_dtype` autocast when set (bf16 on a CPU with AMX: models/device.py); the LM head
+        runs only at each chunk's last token (a prompt's other positions need no logits), in its own dtype."""
         width = max(map(len, chunks))
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
         for i, c in enumerate(chunks):
             ids[i, :len(c)] = torch.tensor(c)
         pos = torch.tensor(starts, device=self.device)
-        logits = forward_rows(self.model, self.cache, ids.to(self.device), pos, torch.tensor(rows, device=self.device),
-                              max(starts) + width)
-        return logits[torch.arange(len(chunks)), torch.tensor([len(c) - 1 for c in chunks])]
+        with torch.autocast(self.device.type, dtype=self.prefill_dtype, enabled=self.prefill_dtype is not None):
+            hidden = run_rows(self.model.get_decoder(), self.cache, ids.to(self.device), pos,
+                              torch.tensor(rows, device=self.device), max(starts) + width).last_hidden_state  # [b, width, h]
+        last = hidden[torch.arange(len(chunks)), torch.tensor([len(c) - 1 for c in chunks])]  # [b, h]
+        return head_logits(self.model, last)
 
 
 @dataclass
@@ -243,14 +265,15 @@ class Batcher:
     """
 
     def __init__(self, model, eos: int | None, slots: int, max_len: int, strategy: str = "plain", draft=None,
-                 k: int = 4, compile: bool = False, prefill_tokens: int = 512, spec_rows: int = 4):
+                 k: int = 4, compile: bool = False, prefill_tokens: int = 512, spec_rows: int = 4,
+                 prefill_dtype: torch.dtype | None = None):
         if strategy == "draft" and draft is None:
             raise ValueError("decoding strategy 'draft' needs a draft model")
         self.eos, self.slots, self.max_len, self.strategy = eos, slots, max_len, strategy
         self.k = k if strategy != "plain" else 0
         self.prefill_tokens, self.spec_rows = prefill_tokens, spec_rows
-        self.target = Stepper(model, slots, max_len, compile)
-        self.draft = Stepper(draft, slots, max_len, compile) if strategy == "draft" else None
+        self.target = Stepper(model, slots, max_len, compile, prefill_dtype)
+        self.draft = Stepper(draft, slots, max_len, compile, prefill_dtype) if strategy == "draft" else None
         self.rows: dict[int, Sequence] = {}
         self.free = list(range(slots))  # a heap: the lowest free row first keeps the batch buckets small
         self.ended: list[Sequence] = []

@@ -22,6 +22,7 @@ from models.batching import Batcher
 from models.chat import render_context
 from models.config import DecodeConfig, DecodeStrategy, StrictModel
 from models.decoding import Decoder, GenerateDecoder, Generation, Preferring, SamplingParams, draft_acceptance, encode, strategy_kwargs
+from models.device import prefill_dtype
 from models.fastgen import CompiledDecoder
 from models.quant import load_quantized, quant_method
 
@@ -88,12 +89,13 @@ class Candidate:
         """Continue already-rendered text with this candidate's decoding strategy."""
         return self.decoder.complete(prompt_text, params, streamer)
 
-    def batcher(self, slots: int, max_len: int, prefill_tokens: int = 256) -> Batcher:
-        """A continuous batch of `slots` rows decoding as this recipe does (the service's engine)."""
+    def batcher(self, slots: int, max_len: int, prefill_tokens: int = 256, prefill: str = "auto") -> Batcher:
+        """A continuous batch of `slots` rows decoding as this recipe does (the service's engine);
+        `prefill`: the dtype choice for prompts (models/device.py `prefill_dtype`)."""
         r = self.recipe
         k = {"draft": r.num_draft_tokens, "prompt-lookup": r.prompt_lookup_tokens}.get(r.strategy, 0)
         return Batcher(self.model, self.tokenizer.eos_token_id, slots, max_len, r.strategy, self.draft, k,
-                       compile=r.compile, prefill_tokens=prefill_tokens)
+                       compile=r.compile, prefill_tokens=prefill_tokens, prefill_dtype=prefill_dtype(self.model, prefill))
 
     @property
     def context_length(self) -> int:

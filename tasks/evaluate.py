@@ -39,7 +39,8 @@ REFERENCE_CODE = ("tasks.evaluate", "models.quant")
 # through (as served), the chat rendering of prompts, the timing helpers, the serving scheduler the
 # concurrent throughput is measured through, the lm-eval adapter, and the report type it fills.
 EVAL_CODE = ("tasks.evaluate", "tasks.results", "tasks.lm_eval_harness", "models.measure", "models.engine", "models.candidate",
-             "models.decoding", "models.fastgen", "models.kvcache", "models.quant", "models.chat")
+             "models.decoding", "models.fastgen", "models.kvcache", "models.quant", "models.chat", "models.batching",
+             "models.device", "models.int8_cpu", "models.structured")
 
 
 def build_candidates(quant_dirs: dict[str, Path], draft_dir: Path | None, cfg: DecodeConfig, home: Path) -> list[Path]:
@@ -175,11 +176,16 @@ def measure_candidate(candidate_dir: Path, rows: list[dict], split: str, cfg: Ev
         cand = load_candidate(candidate_dir, device)
         load_s = time.perf_counter() - t0
         contexts = [row_context(r) for r in rows]
-        cand.generate(contexts[0], max_new_tokens=4)  # warm-up: first call pays one-off allocation costs
-        outputs = [cand.generate(c) for c in tqdm(contexts, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
+        cand.generate(contexts[0], max_new_tokens=4)  # warm-up of the batch-1 timing loop: one-off allocation costs
         texts = [render_context(cand.tokenizer, c) for c in contexts]
         engine = Engine(cand, EngineConfig(max_batch_size=cfg.concurrent_streams, warm_rows=1))
         try:
+            # The answers scored are the service's: its engine, one request at a time (unloaded latencies),
+            # with the engine's own choices (a bf16 prefill on an AMX CPU, models/device.py).
+            params = SamplingParams(cand.recipe.max_new_tokens)
+            engine_outputs(engine, texts[:1], [SamplingParams(4)])
+            outputs = [engine_outputs(engine, [t], [params])[0]
+                       for t in tqdm(texts, desc=f"evaluate {candidate_dir.name[:40]}", unit="prompt")]
             concurrent = concurrent_throughput(engine, texts, cand.recipe.max_new_tokens, cfg.concurrent_streams)
             constrained = constrained_accuracy(engine, texts, rows) if cfg.json_constrained else {}
         finally:

@@ -1,13 +1,17 @@
 """Continuous batching returns each request's own tokens: greedy rows equal the same prompt decoded
 alone (plain, draft, prompt lookup; eager and compiled), rows join and leave mid-flight, seeded
 sampling repeats in any company, cancelled rows free their slot, and a JSON schema is always met."""
+import copy
 import json
 
 import jsonschema
 import pytest
+import torch
+from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
 from models.batching import Batcher, Sequence, lookup_proposal
 from models.decoding import SamplingParams
+from models.device import has_amx_bf16, prefill_dtype
 from models.fastgen import Runner, greedy_decode
 from models.structured import Constraint, SchemaError, json_grammar
 from tests.models.test_fastgen import PROMPTS, noisy_copy
@@ -123,3 +127,37 @@ def test_admission_refuses_a_request_past_the_row_size(target, prompts):
     with pytest.raises(ValueError, match="cache slots"):
         batcher.admit(Sequence(prompts[1], SamplingParams(30)))
     assert batcher.has_free_row()
+
+
+def test_a_bf16_prefill_keeps_rows_equal_alone_and_the_cache_in_the_models_dtype(target, prompts):
+    """Prompts prefilled under bf16 autocast (what 'auto' picks on an AMX CPU): each row still decodes
+    exactly as the same prompt alone through the same batcher, in joined and chunked prefills; the cache
+    stays fp32 and the first logits stay close to an fp32 prefill's."""
+    def decode(slots, seqs, **kw):
+        batcher = Batcher(target, None, slots, 256, "draft", noisy_copy(target, 0.3, seed=1), k=3, prefill_dtype=torch.bfloat16, **kw)
+        run(batcher, seqs, stagger=kw.get("prefill_tokens") and 2)
+        return batcher, [s.out for s in seqs]
+
+    alone_bf16 = [decode(1, [Sequence(p, SamplingParams(MAX_NEW))])[1][0] for p in prompts]
+    batcher, together = decode(4, [Sequence(p, SamplingParams(MAX_NEW)) for p in prompts], prefill_tokens=5)
+    assert together == alone_bf16
+    assert batcher.target.cache.layers[0].keys.dtype == torch.float32
+
+    def first_logits(dtype):
+        stepper = Batcher(target, None, 1, 256, prefill_dtype=dtype).target
+        return stepper.prefill([0], [prompts[0]], [0])[0]
+
+    fp32, bf16 = first_logits(None), first_logits(torch.bfloat16)
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert (fp32 - bf16).abs().max() < 0.05 * fp32.abs().max()
+
+
+def test_the_prefill_dtype_choice(target, tiny_model_dir):
+    assert prefill_dtype(target, "model") is None
+    assert prefill_dtype(target, "bfloat16") is torch.bfloat16
+    assert prefill_dtype(target, "auto") is (torch.bfloat16 if has_amx_bf16() else None)
+    quantized = copy.deepcopy(target)  # torchao's int8 layers (a tensor subclass autocast does not reach)
+    quantize_(quantized, Int8DynamicActivationInt8WeightConfig())
+    assert prefill_dtype(quantized, "auto") is None
+    with pytest.raises(ValueError, match="prefill_dtype 'model'"):
+        prefill_dtype(quantized, "bfloat16")

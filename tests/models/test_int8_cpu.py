@@ -107,3 +107,20 @@ def test_loading_int8_wo_on_an_avx2_only_cpu_uses_the_kernel(wide64_model_dir, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"capability": "AVX2", "layer": "Int8Linear"}
+
+
+def test_under_bf16_autocast_the_layer_multiplies_its_widened_weights_in_bf16():
+    """A bf16 prefill (models/device.py prefill_dtype): the int8 layer multiplies bf16 weights, made once."""
+    assert kernel()
+    torch.manual_seed(0)
+    w, scale = torch.randint(-127, 128, (51, 64), dtype=torch.int8), torch.rand(51) / 100
+    layer = Int8Linear(w, scale, None)
+    x = torch.randn(40, 64)
+    reference = x @ (w.float() * scale[:, None]).t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        kept = layer.widened(torch.bfloat16)
+        assert layer(x).dtype == torch.bfloat16 and layer.widened(torch.bfloat16) is kept
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - reference).abs().max() <= 2e-2 * reference.abs().max()
+    assert layer(x).dtype == torch.float32  # outside autocast: the kernel, in fp32

@@ -39,7 +39,10 @@ def candidates(varied_model_dir, tiny_draft_dir, tmp_path_factory):
 def make_client(candidate, **cfg):
     registry = CollectorRegistry()
     app = create_app()
-    app.state.engine = Engine(candidate, ServeConfig(model_id="tiny", **{"warm_rows": 1, **cfg}), Metrics(registry))
+    # prefill in the model's dtype, as the offline decoders these tests compare with do (on an AMX CPU 'auto'
+    # prefills in bf16, which may change a random tiny model's greedy tokens; tests/models/test_batching.py covers it)
+    cfg = {"warm_rows": 1, "prefill_dtype": "model", **cfg}
+    app.state.engine = Engine(candidate, ServeConfig(model_id="tiny", **cfg), Metrics(registry))
     return TestClient(app), registry
 
 
@@ -169,7 +172,7 @@ def test_concurrent_requests_of_every_kind_share_the_batch_and_answer_as_alone(c
     """Streamed and whole, greedy and seeded-sampled, in one running batch: each answers as it does alone."""
     cand = candidates[recipe]
     registry = CollectorRegistry()
-    engine = Engine(cand, ServeConfig(model_id="tiny", max_batch_size=4, warm_rows=4), Metrics(registry))
+    engine = Engine(cand, ServeConfig(model_id="tiny", max_batch_size=4, warm_rows=4, prefill_dtype="model"), Metrics(registry))
     prompts = [render_prompt(cand.tokenizer, p) for p in (PROMPT, "The quick brown fox", "def foo(x): return x + 1", "Name the day")]
     params = [SamplingParams(12), SamplingParams(12, temperature=1.0, seed=5), SamplingParams(12), SamplingParams(12)]
     alone = []

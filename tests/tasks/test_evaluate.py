@@ -68,6 +68,26 @@ def test_evaluation_reports_accuracy_speed_memory_and_bandwidth(setup):
     assert report.lm_eval is None  # none asked for
 
 
+def test_the_answers_scored_are_the_serving_engines(setup):
+    """Evaluation scores what the service answers: the same engine (with its prefill dtype), the same text."""
+    from models.chat import render_context, row_context
+    from models.decoding import SamplingParams
+    from models.engine import Engine, EngineConfig
+    from models.measure import engine_outputs
+
+    home, dataset, cand = setup
+    report = evaluate_candidate(cand, dataset, EvalConfig(max_samples=5, device="cpu", concurrent_streams=4), home)
+    loaded = load_candidate(cand, torch.device("cpu"))
+    rows = dataset.rows("eval")[:3]
+    engine = Engine(loaded, EngineConfig(max_batch_size=2, warm_rows=1))
+    try:
+        served = engine_outputs(engine, [render_context(loaded.tokenizer, row_context(r)) for r in rows],
+                                [SamplingParams(loaded.recipe.max_new_tokens)] * len(rows))
+    finally:
+        engine.close()
+    assert [e["output"] for e in report.examples] == [g.text for g in served]
+
+
 def test_speed_is_the_median_of_interleaved_timing_passes_with_its_spread(setup):
     home, dataset, cand = setup
     cfg = EvalConfig(max_samples=4, device="cpu", concurrent_streams=2, timing_passes=3, timing_prompts=2)
