@@ -342,7 +342,7 @@ def serve(
     """Serve the champion's Bento (packaging it first if needed) with `bentoml serve`; Ctrl-C stops it.
 
     Settings come from the environment: SMELT_API_KEY, SMELT_MAX_TOKENS, SMELT_MAX_BATCH_SIZE (rows of
-    the continuous batch), SMELT_MAX_QUEUE, SMELT_MAX_SEQ_LEN, SMELT_PREFILL_TOKENS, SMELT_WARM_ROWS,
+    the continuous batch), SMELT_MAX_QUEUE, SMELT_MAX_SEQ_LEN, SMELT_PREFILL_TOKENS, SMELT_PREFILL_DTYPE, SMELT_WARM_ROWS,
     SMELT_DEVICE (see serving/config.py and models/engine.py).
     """
     import subprocess
